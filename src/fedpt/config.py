@@ -1,0 +1,341 @@
+"""Typed run configuration: one dataclass per concern, loaded from TOML, overridable by ``--set``.
+
+A config file has one table per section below (``[model]``, ``[lora]``, ...). Every key is
+optional; missing keys take the defaults shown here. ``--set train.lr=1e-3`` overrides one
+key after the file is read; its value is parsed as TOML (so ``'["q_proj","v_proj"]'`` is a
+list) and falls back to a plain string.
+
+This module knows no torch objects: it is imported by the CLI before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fedpt.errors import FedPTError
+
+SYSTEMS = ("fedpt", "fedavg-small", "fedavg-large", "fedavg-pt")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelConfig:
+    """Which causal-LM pair to use. Each spec is a local directory, a ``.gguf`` file, a hub id
+    (when a hub is reachable) or a built-in name (``tiny-small``, ``tiny-large``)."""
+
+    small: str = "tiny-small"
+    large: str = "tiny-large"
+    dtype: str = "bfloat16"  # bf16 is 2-2.5x faster than fp32 on AVX-512-BF16 CPUs
+
+    def validate(self) -> None:
+        _check_choice("model.dtype", self.dtype, DTYPES)
+        if not self.small or not self.large:
+            raise FedPTError("model.small and model.large must both name a model")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapter on the small LM (and on the large LM for the fedavg-large baseline)."""
+
+    rank: int = 8
+    alpha: float = 16.0  # usually 2 * rank
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    def validate(self) -> None:
+        _check_positive("lora.rank", self.rank)
+        _check_positive("lora.alpha", self.alpha)
+        _check_range("lora.dropout", self.dropout, 0.0, 1.0, hi_open=True)
+        if not self.targets:
+            raise FedPTError("lora.targets is empty: name at least one module, e.g. [\"q_proj\"]")
+
+
+@dataclass
+class DataConfig:
+    """Instruction data: one source split into device data, a held-out evaluation set and a
+    server-side KD prompt pool (instructions only), disjoint by (instruction, input)."""
+
+    source: str = "builtin:dolly-tiny"  # JSONL path or builtin:<name>
+    eval_size: int = 16
+    kd_pool_size: int = 32
+    split_seed: int = 1234
+    partitioner: str = "dirichlet"  # iid | dirichlet (over the `category` field)
+    dirichlet_alpha: float = 1.0
+    template: str = "alpaca"  # alpaca | chat (the tokenizer's chat template)
+    max_prompt_tokens: int = 256
+    max_seq_len: int = 512
+
+    def validate(self) -> None:
+        _check_positive("data.eval_size", self.eval_size)
+        _check_positive("data.kd_pool_size", self.kd_pool_size)
+        _check_choice("data.partitioner", self.partitioner, ("iid", "dirichlet"))
+        _check_positive("data.dirichlet_alpha", self.dirichlet_alpha)
+        _check_choice("data.template", self.template, ("alpaca", "chat"))
+        _check_positive("data.max_prompt_tokens", self.max_prompt_tokens)
+        if self.max_seq_len <= self.max_prompt_tokens:
+            raise FedPTError(
+                f"data.max_seq_len ({self.max_seq_len}) must exceed data.max_prompt_tokens "
+                f"({self.max_prompt_tokens}) to leave room for the response"
+            )
+
+
+@dataclass
+class FederationConfig:
+    """How many devices, how many per round, how many rounds (Flower simulation on one box)."""
+
+    num_clients: int = 3
+    clients_per_round: int = 3
+    rounds: int = 2
+    client_cpus: float = 1.0  # Ray CPUs per simulated device: 2 cores -> 2 devices at once
+    round_timeout: float = 3600.0  # seconds to wait for device replies
+
+    def validate(self) -> None:
+        _check_positive("federation.num_clients", self.num_clients)
+        _check_positive("federation.rounds", self.rounds)
+        _check_positive("federation.client_cpus", self.client_cpus)
+        _check_positive("federation.round_timeout", self.round_timeout)
+        if not 1 <= self.clients_per_round <= self.num_clients:
+            raise FedPTError(
+                f"federation.clients_per_round must be between 1 and num_clients "
+                f"({self.num_clients}), got {self.clients_per_round}"
+            )
+
+
+@dataclass
+class TrainConfig:
+    """One device's local LoRA SFT per round (loss on response tokens only)."""
+
+    steps: int = 4
+    batch_size: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+    def validate(self) -> None:
+        _check_positive("train.steps", self.steps)
+        _check_positive("train.batch_size", self.batch_size)
+        _check_positive("train.lr", self.lr)
+        _check_range("train.weight_decay", self.weight_decay, 0.0, 1.0)
+        _check_positive("train.max_grad_norm", self.max_grad_norm)
+
+
+@dataclass
+class ProxyConfig:
+    """Proxy-tuning: z = z_large + alpha * (z_small_tuned - z_small_base)."""
+
+    alpha: float = 1.0
+
+    def validate(self) -> None:
+        _check_range("proxy.alpha", self.alpha, 0.0, 100.0)
+
+
+@dataclass
+class DistillConfig:
+    """Server-side distillation of the proxy-tuned large LM into the averaged small LM."""
+
+    steps: int = 4
+    batch_size: int = 4
+    lr: float = 5e-4
+    temperature: float = 1.0
+    ce_weight: float = 0.0  # 0 = pure forward KL; >0 mixes CE on the teacher's tokens
+    max_new_tokens: int = 32  # teacher response length
+    teacher_decoding: str = "greedy"  # greedy | sample
+
+    def validate(self) -> None:
+        _check_positive("distill.steps", self.steps)
+        _check_positive("distill.batch_size", self.batch_size)
+        _check_positive("distill.lr", self.lr)
+        _check_positive("distill.temperature", self.temperature)
+        _check_range("distill.ce_weight", self.ce_weight, 0.0, 1.0)
+        _check_positive("distill.max_new_tokens", self.max_new_tokens)
+        _check_choice("distill.teacher_decoding", self.teacher_decoding, ("greedy", "sample"))
+
+
+@dataclass
+class EvalConfig:
+    """Rouge-L on the held-out set (rougeL F, Porter stemming, max over references, x100)."""
+
+    every: int = 1  # evaluate every N rounds (round 0 and the last round always)
+    protocol: str = "greedy"  # greedy | sampling (temperature 1, top-p 1, 5 seeds)
+    seeds: list[int] = field(default_factory=lambda: [10, 20, 30, 40, 50])
+    max_new_tokens: int = 32
+    batch_size: int = 8
+    no_repeat_ngram_size: int = 6  # used by the sampling protocol, as in MiniLLM
+
+    def validate(self) -> None:
+        _check_positive("eval.every", self.every)
+        _check_choice("eval.protocol", self.protocol, ("greedy", "sampling"))
+        if not self.seeds:
+            raise FedPTError("eval.seeds is empty: give at least one seed, e.g. [10]")
+        _check_positive("eval.max_new_tokens", self.max_new_tokens)
+        _check_positive("eval.batch_size", self.batch_size)
+        _check_range("eval.no_repeat_ngram_size", self.no_repeat_ngram_size, 0, 64)
+
+
+@dataclass
+class RunConfig:
+    """What to run and how."""
+
+    systems: list[str] = field(default_factory=lambda: ["fedpt"])
+    seed: int = 0
+    threads: int = 0  # torch threads in the server process; 0 = all cores
+
+    def validate(self) -> None:
+        if not self.systems:
+            raise FedPTError(f"run.systems is empty: choose from {', '.join(SYSTEMS)}")
+        for name in self.systems:
+            _check_choice("run.systems", name, SYSTEMS)
+        if len(set(self.systems)) != len(self.systems):
+            raise FedPTError(f"run.systems lists a system twice: {self.systems}")
+        _check_range("run.threads", self.threads, 0, 1024)
+
+
+@dataclass
+class FedPTConfig:
+    """The whole run: every default is visible in the section classes above."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> "FedPTConfig":
+        for section in dataclasses.fields(self):
+            getattr(self, section.name).validate()
+        return self
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], origin: str = "config") -> "FedPTConfig":
+        config = cls()
+        for section_name, values in data.items():
+            section = _section(config, section_name, origin)
+            if not isinstance(values, dict):
+                raise FedPTError(f"{origin}: [{section_name}] must be a table of keys")
+            for key, value in values.items():
+                _assign(section, section_name, key, value, origin)
+        return config.validate()
+
+    @classmethod
+    def from_json(cls, text: str) -> "FedPTConfig":
+        return cls.from_dict(json.loads(text), origin="message config")
+
+    def save(self, path: Path) -> None:
+        import tomli_w
+
+        path.write_text(tomli_w.dumps(self.to_dict()))
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("fedpt") / "presets"
+    return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_config(
+    path: str | Path | None = None,
+    preset: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> FedPTConfig:
+    """Read a preset or a TOML file, then apply ``section.key=value`` overrides, then validate."""
+    if path is not None and preset is not None:
+        raise FedPTError("give either --config FILE or --preset NAME, not both")
+    if path is not None:
+        origin = str(path)
+        data = _read_toml(Path(path))
+    else:
+        preset = preset or "tiny"
+        if preset not in preset_names():
+            raise FedPTError(f"unknown preset '{preset}': choose from {', '.join(preset_names())}")
+        origin = f"preset {preset}"
+        data = tomllib.loads((resources.files("fedpt") / "presets" / f"{preset}.toml").read_text())
+    for item in overrides:
+        section_name, key, value = _parse_override(item)
+        data.setdefault(section_name, {})[key] = value
+    return FedPTConfig.from_dict(data, origin=origin)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FedPTError(f"config file {path} does not exist")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise FedPTError(f"config file {path} is not valid TOML: {err}") from None
+
+
+def _parse_override(item: str) -> tuple[str, str, Any]:
+    name, sep, raw = item.partition("=")
+    section_name, dot, key = name.strip().partition(".")
+    if not sep or not dot or not key:
+        raise FedPTError(f"--set expects section.key=value (e.g. train.lr=1e-3), got '{item}'")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word: treat as a string
+    return section_name, key.strip(), value
+
+
+def _section(config: FedPTConfig, name: str, origin: str) -> Any:
+    names = [f.name for f in dataclasses.fields(config)]
+    if name not in names:
+        raise FedPTError(f"{origin}: unknown config section [{name}]; valid sections: {', '.join(names)}")
+    return getattr(config, name)
+
+
+def _assign(section: Any, section_name: str, key: str, value: Any, origin: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    if key not in fields:
+        raise FedPTError(
+            f"{origin}: unknown key '{section_name}.{key}'; valid keys in [{section_name}]: "
+            f"{', '.join(fields)}"
+        )
+    default = getattr(section, key)
+    setattr(section, key, _coerce(f"{section_name}.{key}", value, default, origin))
+
+
+def _coerce(name: str, value: Any, default: Any, origin: str) -> Any:
+    """Check a value against the type of its default: config typos fail here, not mid-run."""
+    expected = type(default)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is list:
+        item_type = type(default[0]) if default else None
+        if not isinstance(value, list) or (item_type and not all(isinstance(v, item_type) for v in value)):
+            kind = f"list of {item_type.__name__}" if item_type else "list"
+            raise FedPTError(f"{origin}: {name} must be a {kind}, got {value!r}")
+        return value
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise FedPTError(f"{origin}: {name} must be {expected.__name__}, got {value!r}")
+    return value
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise FedPTError(f"{name} = {value!r} is not one of: {', '.join(choices)}")
+
+
+def _check_positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise FedPTError(f"{name} must be > 0, got {value}")
+
+
+def _check_range(name: str, value: float, lo: float, hi: float, hi_open: bool = False) -> None:
+    if value < lo or value > hi or (hi_open and value == hi):
+        bracket = ")" if hi_open else "]"
+        raise FedPTError(f"{name} must be in [{lo}, {hi}{bracket}, got {value}")

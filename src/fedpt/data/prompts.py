@@ -1,0 +1,85 @@
+"""Prompt templates and tokenization: response-only labels for SFT, left-padded prompt batches."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from fedpt.data.records import Example
+
+if TYPE_CHECKING:
+    import torch
+
+IGNORE_INDEX = -100  # label value that cross-entropy skips: prompt and padding tokens
+
+ALPACA = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+
+
+def format_prompt(example: Example, template: str, tokenizer: Any = None) -> str:
+    """The prompt text the models see: Alpaca style (MiniLLM's protocol) or the chat template."""
+    if template == "chat":
+        user = example.instruction if not example.context else f"{example.instruction}\n\n{example.context}"
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
+    if example.context.strip():
+        return ALPACA_WITH_INPUT.format(instruction=example.instruction, input=example.context)
+    return ALPACA.format(instruction=example.instruction)
+
+
+def encode_prompt(tokenizer: Any, prompt: str, max_prompt_tokens: int) -> list[int]:
+    """Prompt token ids; long prompts keep their *end* (where the instruction meets the response)."""
+    return tokenizer(prompt, add_special_tokens=False)["input_ids"][-max_prompt_tokens:]
+
+
+def encode_sft(
+    tokenizer: Any, prompt: str, response: str, max_prompt_tokens: int, max_seq_len: int
+) -> tuple[list[int], list[int]]:
+    """Token ids of prompt+response+EOS and labels that mask the prompt (loss on the response only).
+
+    """
+    prompt_ids = encode_prompt(tokenizer, prompt, max_prompt_tokens)
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    response_ids = response_ids[: max_seq_len - len(prompt_ids)]
+    input_ids = prompt_ids + response_ids
+    labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
+    return input_ids, labels
+
+
+def collate_right(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, "torch.Tensor"]:
+    """Right-padded training batch: input_ids, attention_mask, labels (B, T)."""
+    import torch
+
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, labs) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(labs)] = torch.tensor(labs)
+        mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def encode_prompts_left(
+    tokenizer: Any, prompts: list[str], max_prompt_tokens: int
+) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Left-padded prompt batch (B, T) so that every row's next token sits in the last column."""
+    import torch
+
+    encoded = [encode_prompt(tokenizer, p, max_prompt_tokens) for p in prompts]
+    width = max(len(ids) for ids in encoded)
+    input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for i, ids in enumerate(encoded):
+        input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        mask[i, width - len(ids):] = 1
+    return input_ids, mask

@@ -1,0 +1,141 @@
+"""Instruction records: read JSONL strictly (errors name the file and line), split, partition.
+
+A record is ``{"instruction", "context" (or "input"), "response" (or "output"), "category"}``
+(Dolly's fields). The evaluation set keeps every acceptable reference; Rouge-L takes the max.
+Knows a tokenizer at most; no model, no Flower.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from fedpt.errors import FedPTError
+
+BUILTIN_SOURCES = {"dolly-tiny": "dolly-tiny.jsonl"}
+
+
+@dataclass(frozen=True)
+class Example:
+    instruction: str
+    context: str = ""
+    response: str = ""
+    category: str = "none"
+    references: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """Identity used to keep device data, KD prompts and evaluation disjoint."""
+        return (self.instruction.strip(), self.context.strip())
+
+    @property
+    def all_references(self) -> tuple[str, ...]:
+        return self.references or (self.response,)
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: list[Example]  # partitioned among devices
+    eval: list[Example]  # held out: never trained or distilled on
+    kd_pool: list[Example]  # server prompts: instructions only (responses dropped)
+
+
+def resolve_source(source: str) -> Path:
+    if source.startswith("builtin:"):
+        name = source.removeprefix("builtin:")
+        if name not in BUILTIN_SOURCES:
+            raise FedPTError(f"unknown built-in data set '{name}': choose from {', '.join(BUILTIN_SOURCES)}")
+        return Path(str(resources.files("fedpt") / "data" / "vendored" / BUILTIN_SOURCES[name]))
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise FedPTError(f"data file {path} does not exist (data.source)")
+    return path
+
+
+def load_examples(source: str) -> list[Example]:
+    """Read every record; any broken line is an error naming the file and the line."""
+    path = resolve_source(source)
+    examples = []
+    with path.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            examples.append(_parse_line(line, path, line_no))
+    if not examples:
+        raise FedPTError(f"{path} holds no records")
+    return examples
+
+
+def _parse_line(line: str, path: Path, line_no: int) -> Example:
+    where = f"{path}:{line_no}"
+    try:
+        raw = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise FedPTError(f"{where}: not valid JSON ({err.msg}); fix or remove the line") from None
+    if not isinstance(raw, dict):
+        raise FedPTError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    instruction = raw.get("instruction")
+    response = raw.get("response", raw.get("output"))
+    context = raw.get("context", raw.get("input", "")) or ""
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise FedPTError(f"{where}: missing or empty 'instruction' field")
+    if not isinstance(response, str):
+        raise FedPTError(f"{where}: missing 'response' (or 'output') string field")
+    if not isinstance(context, str):
+        raise FedPTError(f"{where}: 'context' must be a string")
+    return Example(instruction, context, response, str(raw.get("category", "none")))
+
+
+def split_examples(examples: list[Example], eval_size: int, kd_pool_size: int, seed: int) -> Splits:
+    """Held-out eval set (stratified by category), then the KD prompt pool, then device data.
+
+    Duplicates (same instruction and input) are merged first so that no prompt can fall on
+    two sides of a split.
+    """
+    unique: dict[tuple[str, str], Example] = {}
+    for ex in examples:
+        unique.setdefault(ex.key, ex)
+    pool = list(unique.values())
+    need = eval_size + kd_pool_size + 1
+    if len(pool) < need:
+        raise FedPTError(
+            f"the data has {len(pool)} distinct records, fewer than eval_size + kd_pool_size + 1 = {need}; "
+            "lower data.eval_size / data.kd_pool_size or use a larger data.source"
+        )
+    rng = random.Random(seed)
+    rng.shuffle(pool)
+    eval_set = _stratified_take(pool, eval_size)
+    taken = {ex.key for ex in eval_set}
+    rest = [ex for ex in pool if ex.key not in taken]
+    kd_pool = [Example(ex.instruction, ex.context, "", ex.category) for ex in rest[:kd_pool_size]]
+    splits = Splits(train=rest[kd_pool_size:], eval=eval_set, kd_pool=kd_pool)
+    check_disjoint(splits)
+    return splits
+
+
+def _stratified_take(pool: list[Example], size: int) -> list[Example]:
+    """Round-robin over categories (in a fixed order) so every category is represented."""
+    by_category: dict[str, list[Example]] = defaultdict(list)
+    for ex in pool:
+        by_category[ex.category].append(ex)
+    queues = [by_category[c] for c in sorted(by_category)]
+    taken: list[Example] = []
+    while len(taken) < size:
+        for queue in queues:
+            if queue and len(taken) < size:
+                taken.append(queue.pop(0))
+    return taken
+
+
+def check_disjoint(splits: Splits) -> None:
+    """The KD pool and device data must never contain an evaluation prompt, nor each other's."""
+    train, evals, kd = ({ex.key for ex in s} for s in (splits.train, splits.eval, splits.kd_pool))
+    for a, b, what in ((train, evals, "device data and eval"), (kd, evals, "KD pool and eval"),
+                       (train, kd, "device data and KD pool")):
+        overlap = a & b
+        if overlap:
+            raise FedPTError(f"{what} share {len(overlap)} prompt(s), e.g. {next(iter(overlap))[0][:60]!r}")

@@ -1,0 +1,136 @@
+"""Step 5 of a FedPT round: distill the proxy-tuned large LM into the averaged small LM.
+
+On the server's prompt pool (instructions only, disjoint from device and evaluation data):
+
+1. the teacher (``ProxyTunedLM`` built from the averaged adapter) writes a response per prompt;
+2. its next-token distribution at temperature T over each response position is computed once
+   (the teacher is fixed during distillation: its "tuned" half is the pre-distillation adapter);
+3. the student's LoRA (the same averaged adapter) takes ``steps`` AdamW steps on
+   ``(1 - ce_weight) * T^2 * KL(p_teacher || p_student) + ce_weight * CE(teacher tokens)``
+   (forward KL as in torchtune's ``ForwardKLLoss``; T^2 keeps gradient scale independent of T).
+
+The optimizer is fresh every round, like the devices' (its moments belong to an adapter that
+FedAvg replaces next round).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fedpt.config import DataConfig, DistillConfig
+from fedpt.data.prompts import IGNORE_INDEX, collate_right, encode_prompt
+from fedpt.models.logits import LocalLogitSource, LogitSource
+from fedpt.proxy import Decoding, generate_ids
+
+
+@dataclass
+class KDBatch:
+    input_ids: torch.Tensor  # (B, T) right-padded prompt + teacher response
+    attention_mask: torch.Tensor  # (B, T)
+    select: torch.Tensor  # (B, T) bool: positions whose *next* token is a response token
+    targets: torch.Tensor  # (N,) the teacher's tokens at those positions
+    teacher_logprobs: torch.Tensor  # (N, V) log p_teacher at temperature T (bf16 for big vocabularies)
+
+
+@dataclass
+class DistillResult:
+    kl_before: float  # mean forward KL over the pool's response tokens, before the student steps
+    kl_after: float  # ... and after
+    loss: float  # mean training loss over the steps
+    steps: int
+    teacher_tokens: int
+    seconds: float
+
+
+def build_kd_batches(
+    teacher: LogitSource, tokenizer: Any, prompts: list[str], responses: list[list[int]],
+    cfg: DistillConfig, data_cfg: DataConfig,
+) -> list[KDBatch]:
+    """Score teacher sequences once and keep only what the loss needs (response positions)."""
+    batches = []
+    for start in range(0, len(prompts), cfg.batch_size):
+        rows = []
+        for prompt, response in zip(prompts[start: start + cfg.batch_size], responses[start: start + cfg.batch_size]):
+            # A response shorter than the budget ended on EOS, which the student must learn too.
+            text_ids = response if len(response) >= cfg.max_new_tokens else response + [tokenizer.eos_token_id]
+            prompt_ids = encode_prompt(tokenizer, prompt, data_cfg.max_prompt_tokens)
+            rows.append((prompt_ids + text_ids, [IGNORE_INDEX] * len(prompt_ids) + text_ids))
+        batch = collate_right(rows, tokenizer.pad_token_id)
+        labels = batch["labels"]
+        select = torch.zeros_like(labels, dtype=torch.bool)
+        select[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # logits at t predict token t+1
+        # clone(): score() runs in inference mode, and autograd may not save inference tensors.
+        logits = teacher.score(batch["input_ids"], batch["attention_mask"])[select].clone()  # (N, V)
+        logprobs = F.log_softmax(logits / cfg.temperature, dim=-1)
+        store = torch.bfloat16 if logprobs.shape[-1] > 65536 else torch.float32  # memory on real vocabularies
+        batches.append(KDBatch(batch["input_ids"], batch["attention_mask"], select,
+                               labels[:, 1:][select[:, :-1]], logprobs.to(store)))
+    return batches
+
+
+def kd_loss(student_logits: torch.Tensor, batch: KDBatch, temperature: float, ce_weight: float) -> torch.Tensor:
+    """(1 - w) * T^2 * KL(p_t || p_s) + w * CE, averaged over response tokens. Logits (N, V)."""
+    student_logprobs = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher_logprobs = batch.teacher_logprobs.float()
+    kl = (teacher_logprobs.exp() * (teacher_logprobs - student_logprobs)).sum(-1).mean()
+    loss = (1.0 - ce_weight) * temperature**2 * kl
+    if ce_weight > 0:
+        loss = loss + ce_weight * F.cross_entropy(student_logits.float(), batch.targets)
+    return loss
+
+
+def _student_logits(student: Any, batch: KDBatch) -> torch.Tensor:
+    out = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    return out.logits[batch.select]  # (N, V)
+
+
+@torch.no_grad()
+def pool_kl(student: Any, batches: list[KDBatch], temperature: float) -> float:
+    """Token-weighted mean forward KL of the student against the cached teacher, over the pool."""
+    student.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        n = int(batch.select.sum())
+        total += kd_loss(_student_logits(student, batch), batch, temperature, 0.0).item() / temperature**2 * n
+        count += n
+    return total / max(count, 1)
+
+
+def distill(
+    teacher: LogitSource, student: Any, tokenizer: Any, prompts: list[str],
+    cfg: DistillConfig, data_cfg: DataConfig, seed: int,
+) -> DistillResult:
+    """Teacher responses, cached teacher distributions, then ``cfg.steps`` student LoRA steps."""
+    start = time.perf_counter()
+    decoding = Decoding(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.teacher_decoding == "sample", seed=seed)
+    responses = generate_ids(teacher, tokenizer, prompts, decoding, cfg.batch_size, data_cfg.max_prompt_tokens)
+    batches = build_kd_batches(teacher, tokenizer, prompts, responses, cfg, data_cfg)
+    kl_before = pool_kl(student, batches, cfg.temperature)
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    losses = []
+    student.train()
+    for step in range(cfg.steps):
+        batch = batches[step % len(batches)]
+        loss = kd_loss(_student_logits(student, batch), batch, cfg.temperature, cfg.ce_weight)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    student.eval()
+    return DistillResult(
+        kl_before=kl_before, kl_after=pool_kl(student, batches, cfg.temperature),
+        loss=sum(losses) / len(losses), steps=cfg.steps,
+        teacher_tokens=sum(int(b.select.sum()) for b in batches), seconds=time.perf_counter() - start,
+    )
+
+
+def small_views(small_peft: Any) -> tuple[LocalLogitSource, LocalLogitSource]:
+    """The tuned (adapter on) and base (adapter off) views of one small PeftModel."""
+    return LocalLogitSource(small_peft, use_adapter=True), LocalLogitSource(small_peft, use_adapter=False)

@@ -1,0 +1,131 @@
+"""Load a causal-LM pair and its tokenizer, and refuse pairs whose vocabularies differ.
+
+A model spec is one of:
+- a built-in tiny model name (``tiny-small``, ``tiny-large``), built once into ``$FEDPT_HOME``;
+- a local directory holding a Hugging Face model (``config.json`` + weights);
+- a ``.gguf`` file (loaded with ``gguf_file=``; dequantized at load, so slow: prefer a
+  converted directory for repeated use);
+- a hub id, when a hub is reachable.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from fedpt.errors import FedPTError
+
+# Strings whose token ids must agree between the two tokenizers (beyond the vocab tables).
+PROBE_STRINGS = (
+    "Below is an instruction that describes a task.",
+    "def add(a, b):\n    return a + b  # 42, 3.14159",
+    "Proxy-tuning shifts logits: z = z_L + α·(z_S' − z_S). Émile 東京 🙂",
+)
+
+
+def fedpt_home() -> Path:
+    """Cache for built and converted models (outside the repository)."""
+    return Path(os.environ.get("FEDPT_HOME", Path.home() / ".cache" / "fedpt")).expanduser()
+
+
+@dataclass(frozen=True)
+class ResolvedSpec:
+    path: str  # directory or hub id, as from_pretrained takes it
+    gguf_file: str | None = None
+
+
+def resolve_spec(spec: str) -> ResolvedSpec:
+    from fedpt.models.tiny import TINY_SHAPES, ensure_tiny_model
+
+    if spec in TINY_SHAPES:
+        return ResolvedSpec(str(ensure_tiny_model(spec, fedpt_home())))
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise FedPTError(f"GGUF file {path} does not exist")
+        return ResolvedSpec(str(path.parent), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FedPTError(f"{path} is a directory but holds no config.json: not a Hugging Face model")
+        return ResolvedSpec(str(path))
+    if path.exists() or spec.startswith((".", "/", "~")):
+        raise FedPTError(f"model '{spec}' is neither a model directory nor a .gguf file")
+    return ResolvedSpec(spec)  # a hub id
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(spec: str) -> Any:
+    from transformers import AutoTokenizer
+
+    resolved = resolve_spec(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(resolved.path, gguf_file=resolved.gguf_file)
+    except (OSError, ValueError) as err:
+        raise FedPTError(f"cannot load the tokenizer of '{spec}': {_first_line(err)}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # decoding pads finished rows; any id works, EOS is safe
+    return tok
+
+
+def load_model(spec: str, dtype: str) -> Any:
+    """The causal LM in ``dtype``, in eval mode. Callers cache it (``cached_model``)."""
+    from transformers import AutoModelForCausalLM
+
+    resolved = resolve_spec(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            resolved.path, gguf_file=resolved.gguf_file, dtype=torch_dtype(dtype)
+        )
+    except (OSError, ValueError) as err:
+        raise FedPTError(f"cannot load model '{spec}': {_first_line(err)}") from None
+    return model.eval()
+
+
+@lru_cache(maxsize=2)
+def cached_model(spec: str, dtype: str) -> Any:
+    """One copy per process of each base model (a device or the server reuses it every round)."""
+    return load_model(spec, dtype)
+
+
+def check_same_vocabulary(small_spec: str, large_spec: str) -> None:
+    """Proxy-tuning adds logits index by index: both models must map the same ids to the same tokens."""
+    small, large = load_tokenizer(small_spec), load_tokenizer(large_spec)
+    what = None
+    if len(small) != len(large):
+        what = f"{len(small)} vs {len(large)} tokens"
+    elif small.get_vocab() != large.get_vocab():
+        diff = set(small.get_vocab().items()) ^ set(large.get_vocab().items())
+        what = f"{len(diff)} (token, id) pairs differ"
+    else:
+        for probe in PROBE_STRINGS:
+            if small(probe)["input_ids"] != large(probe)["input_ids"]:
+                what = f"they encode {probe[:30]!r} differently"
+                break
+    if what:
+        raise FedPTError(
+            f"tokenizers of small model '{small_spec}' and large model '{large_spec}' differ ({what}); "
+            "proxy-tuning needs one shared vocabulary: pick a pair from the same model family"
+        )
+
+
+def check_logit_width(small: Any, large: Any, small_spec: str, large_spec: str) -> None:
+    """Same tokenizer but different output heads (padded vocabularies) would misalign logits."""
+    ws, wl = small.get_output_embeddings().weight.shape[0], large.get_output_embeddings().weight.shape[0]
+    if ws != wl:
+        raise FedPTError(
+            f"small model '{small_spec}' outputs {ws} logits but large model '{large_spec}' outputs {wl}; "
+            "proxy-tuning needs equal widths"
+        )
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]

@@ -1,0 +1,88 @@
+"""Next-token logits behind one small interface, so a black-box large LM can sit behind it.
+
+FedPT only ever asks a model "next-token logits for these sequences". ``LogitSource`` is that
+question in two forms: incremental (``prefill`` then ``step``, one decoding session, one KV
+cache) for generation, and whole-sequence (``score``) for distillation. A remote backend can
+implement it by resending sequences; ``LocalLogitSource`` wraps a Hugging Face model.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class LogitSource(Protocol):
+    """Next-token logits for a batch of left-padded sequences."""
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Start a decoding session on (B, T) prompts; return fp32 logits (B, V) for the next token."""
+        ...
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per row (B,) to the session; return fp32 logits (B, V) for the next one."""
+        ...
+
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """fp32 logits (B, T, V) at every position of whole sequences (no session)."""
+        ...
+
+
+class LocalLogitSource:
+    """A local causal LM. For a PeftModel, ``use_adapter=False`` reads the frozen base model.
+
+    Each instance keeps its own KV cache, so the tuned and base views of one PeftModel can
+    decode side by side.
+    """
+
+    def __init__(self, model: Any, use_adapter: bool = True) -> None:
+        self.model = model
+        self.use_adapter = use_adapter
+        self._cache: Any = None
+        self._mask: torch.Tensor | None = None
+        self._next_pos: torch.Tensor | None = None
+
+    def _view(self):
+        if not self.use_adapter and hasattr(self.model, "disable_adapter"):
+            return self.model.disable_adapter()
+        return nullcontext()
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        self.model.eval()
+        # Left padding: positions count real tokens only, as HF generate() does.
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        with self._view():
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                             use_cache=True, logits_to_keep=1)
+        self._cache = out.cache
+        self._mask = attention_mask
+        self._next_pos = positions[:, -1] + 1
+        return out.logits[:, -1].float()
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        assert self._mask is not None and self._next_pos is not None, "step() before prefill()"
+        self._mask = torch.cat([self._mask, self._mask.new_ones((len(tokens), 1))], dim=1)
+        with self._view():
+            out = self.model(input_ids=tokens[:, None], attention_mask=self._mask,
+                             position_ids=self._next_pos[:, None], cache=self._cache, use_cache=True)
+        self._cache = out.cache
+        self._next_pos = self._next_pos + 1
+        return out.logits[:, -1].float()
+
+    @torch.inference_mode()
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        self.model.eval()
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        with self._view():
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                             use_cache=False)
+        return out.logits.float()
+
+    def close(self) -> None:
+        """Drop the session's KV cache (it can hold hundreds of MB on real models)."""
+        self._cache = self._mask = self._next_pos = None

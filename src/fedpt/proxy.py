@@ -1,0 +1,145 @@
+"""Proxy-tuning (step 4 of a FedPT round) and the batched decoding loop every model uses.
+
+    z_proxy = z_large + alpha * (z_small_tuned - z_small_base)
+
+``ProxyTunedLM`` is itself a ``LogitSource``: generation, evaluation and distillation treat
+the proxy-tuned large LM like any other model. It reads only the large model's logits,
+never its weights. ``decode`` is the one sampling loop (greedy or temperature / top-p /
+top-k / no-repeat-ngram), left padding, EOS stop, spelled out as in nanoGPT's ``generate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from fedpt.models.logits import LogitSource
+
+
+def proxy_logits(z_large: torch.Tensor, z_tuned: torch.Tensor, z_base: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Shift the large LM's logits by alpha times what tuning changed in the small LM (fp32)."""
+    return z_large.float() + alpha * (z_tuned.float() - z_base.float())
+
+
+class ProxyTunedLM:
+    """The large LM steered by a (tuned, base) small pair; one KV cache per model."""
+
+    def __init__(self, large: LogitSource, tuned: LogitSource, base: LogitSource, alpha: float) -> None:
+        self.large, self.tuned, self.base, self.alpha = large, tuned, base, alpha
+
+    def _combine(self, call: str, *args: torch.Tensor) -> torch.Tensor:
+        z_large = getattr(self.large, call)(*args)
+        if self.alpha == 0.0:  # exactly the large model (and no wasted small-model passes)
+            return z_large
+        return proxy_logits(z_large, getattr(self.tuned, call)(*args), getattr(self.base, call)(*args), self.alpha)
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self._combine("prefill", input_ids, attention_mask)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._combine("step", tokens)
+
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self._combine("score", input_ids, attention_mask)
+
+    def close(self) -> None:
+        for source in (self.large, self.tuned, self.base):
+            getattr(source, "close", lambda: None)()
+
+
+@dataclass
+class Decoding:
+    """How to pick tokens. ``do_sample=False`` is greedy; top_k=0 and top_p=1 disable those filters."""
+
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    no_repeat_ngram_size: int = 0
+    seed: int = 0
+
+
+def _processors(cfg: Decoding):
+    from transformers import (LogitsProcessorList, NoRepeatNGramLogitsProcessor, TemperatureLogitsWarper,
+                              TopKLogitsWarper, TopPLogitsWarper)
+
+    procs = LogitsProcessorList()
+    if cfg.no_repeat_ngram_size > 0:
+        procs.append(NoRepeatNGramLogitsProcessor(cfg.no_repeat_ngram_size))
+    if cfg.do_sample:
+        if cfg.temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(cfg.temperature))
+        if cfg.top_k > 0:
+            procs.append(TopKLogitsWarper(cfg.top_k))
+        if cfg.top_p < 1.0:
+            procs.append(TopPLogitsWarper(cfg.top_p))
+    return procs
+
+
+@torch.inference_mode()
+def decode(
+    source: LogitSource,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    eos_ids: list[int],
+    pad_id: int,
+    cfg: Decoding,
+) -> list[list[int]]:
+    """Generate up to ``max_new_tokens`` per row from left-padded prompts; returns new ids without EOS."""
+    processors = _processors(cfg)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    eos = torch.tensor(eos_ids, dtype=torch.long)
+    sequences = input_ids
+    finished = torch.zeros(len(input_ids), dtype=torch.bool)
+    new_tokens: list[torch.Tensor] = []
+    logits = source.prefill(input_ids, attention_mask)  # (B, V)
+    for step in range(cfg.max_new_tokens):
+        scores = processors(sequences, logits)
+        if cfg.do_sample:
+            probs = torch.softmax(scores, dim=-1)
+            next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        else:
+            next_tokens = scores.argmax(dim=-1)
+        next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_id), next_tokens)  # (B,)
+        new_tokens.append(next_tokens)
+        sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
+        finished |= torch.isin(next_tokens, eos)
+        if finished.all() or step == cfg.max_new_tokens - 1:
+            break
+        logits = source.step(next_tokens)
+    getattr(source, "close", lambda: None)()
+    out = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in range(len(input_ids))]
+    return [_until_eos(row, set(eos_ids)) for row in out]
+
+
+def _until_eos(row: list[int], eos: set[int]) -> list[int]:
+    for i, token in enumerate(row):
+        if token in eos:
+            return row[:i]
+    return row
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """EOS plus the end-of-text token where the vocabulary has one (Qwen ends turns either way)."""
+    ids = {tokenizer.eos_token_id}
+    vocab = tokenizer.get_vocab()
+    for token in ("<|endoftext|>", "<|im_end|>"):
+        if token in vocab:
+            ids.add(vocab[token])
+    return sorted(i for i in ids if i is not None)
+
+
+def generate_ids(
+    source: LogitSource, tokenizer, prompts: list[str], cfg: Decoding, batch_size: int, max_prompt_tokens: int
+) -> list[list[int]]:
+    """Decode every prompt in batches of ``batch_size``; returns new token ids per prompt."""
+    from fedpt.data.prompts import encode_prompts_left
+
+    out: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = encode_prompts_left(tokenizer, prompts[start: start + batch_size], max_prompt_tokens)
+        batch_cfg = replace(cfg, seed=cfg.seed + start)  # distinct random streams per batch
+        out += decode(source, ids, mask, stop_token_ids(tokenizer), tokenizer.pad_token_id, batch_cfg)
+    return out

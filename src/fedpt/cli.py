@@ -1,0 +1,113 @@
+"""``fedpt`` command line: parse, configure, call in. No logic of its own.
+
+    fedpt run [--preset tiny | --config FILE.toml] [--set section.key=value ...]
+              [--system NAME|all] [--out DIR] [--overwrite]
+    fedpt generate --run DIR [--alpha A] [--model proxy|small|large] "prompt"
+    fedpt systems
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from fedpt.config import SYSTEMS, load_config, preset_names
+from fedpt.errors import FedPTError
+
+
+def _quiet_environment() -> None:
+    """Library chatter off (progress bars, telemetry, fork warnings); the user's own settings win."""
+    for key, value in (("FLWR_TELEMETRY_ENABLED", "0"), ("TOKENIZERS_PARALLELISM", "false"),
+                       ("TRANSFORMERS_VERBOSITY", "error"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+                       ("RAY_DEDUP_LOGS", "0"), ("PYTHONWARNINGS", "ignore")):
+        os.environ.setdefault(key, value)
+    import warnings
+
+    warnings.filterwarnings("ignore")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedpt", description="Federated proxy-tuning of large language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run FedPT and/or baselines as a Flower simulation on this machine")
+    source = run.add_mutually_exclusive_group()
+    source.add_argument("--config", type=Path, help="TOML config file")
+    source.add_argument("--preset", help=f"built-in config: {', '.join(preset_names())} (default: tiny)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override one config key, e.g. --set train.lr=1e-3 (repeatable)")
+    run.add_argument("--system", help=f"{'|'.join(SYSTEMS)}|all (default: the config's run.systems)")
+    run.add_argument("--out", type=Path, help="output directory (default: runs/<timestamp>)")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    run.add_argument("--verbose", action="store_true", help="show Flower and Ray logs")
+    run.add_argument("--no-progress", action="store_true", help="no live progress bar")
+
+    gen = sub.add_parser("generate", help="answer a prompt with a finished run's proxy-tuned large LM")
+    gen.add_argument("--run", type=Path, required=True, help="a run's output directory")
+    gen.add_argument("--alpha", type=float, help="proxy strength (default: the run's proxy.alpha); 0 = large LM alone")
+    gen.add_argument("--system", help="which system's adapter (default: the first small-LM system of the run)")
+    gen.add_argument("--model", choices=("proxy", "small", "large"), default="proxy",
+                     help="proxy-tuned large (default), tuned small, or the large LM")
+    gen.add_argument("--max-new-tokens", type=int)
+    gen.add_argument("prompt")
+
+    sub.add_parser("systems", help="list FedPT and the baselines")
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from fedpt.runner import format_table, run
+
+    cfg = load_config(path=args.config, preset=args.preset, overrides=args.overrides)
+    if args.system:
+        systems = list(SYSTEMS) if args.system == "all" else [args.system]
+        if args.system != "all" and args.system not in SYSTEMS:
+            raise FedPTError(f"unknown system '{args.system}': choose from {', '.join(SYSTEMS)} or all")
+        cfg.run.systems = systems
+        cfg.validate()
+    out_dir = (args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    summary = run(cfg, out_dir, overwrite=args.overwrite, verbose=args.verbose, show_progress=not args.no_progress)
+    print(format_table(summary))
+    wall, peak = summary["wall_seconds"], summary["peak_memory_bytes"]
+    print(f"wall time {wall:.1f} s, peak memory {peak / 2**30:.2f} GiB (all processes)")
+    print(f"results: {out_dir}/rounds.jsonl, summary.json; adapters: {out_dir}/<system>/adapter")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from fedpt.generate import generate_answer
+
+    if args.alpha is not None and args.alpha < 0:
+        raise FedPTError(f"--alpha must be >= 0, got {args.alpha}")
+    print(generate_answer(args.run, args.prompt, alpha=args.alpha, system=args.system, model=args.model,
+                          max_new_tokens=args.max_new_tokens))
+    return 0
+
+
+def _cmd_systems(_: argparse.Namespace) -> int:
+    from fedpt.systems import SYSTEM_SPECS
+
+    for spec in SYSTEM_SPECS.values():
+        print(f"{spec.name:<14}{spec.summary}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _quiet_environment()
+    commands = {"run": _cmd_run, "generate": _cmd_generate, "systems": _cmd_systems}
+    try:
+        return commands[args.command](args)
+    except FedPTError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""The device: receive the global adapter, LoRA-tune it on local data (step 2), send it back.
+
+The reply carries the adapter arrays and metrics (``num-examples`` for FedAvg's weights, the
+train loss, time, tokens): never data, never the base model.
+
+Which data is local: a SuperNode started with ``--node-config "data-path=FILE.jsonl"`` trains
+on that file; otherwise (simulation) it takes partition ``partition-id`` of
+``num-partitions`` of the run's device split, the same on every device.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import lru_cache
+from typing import Any
+
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedpt.config import FedPTConfig
+from fedpt.data.partition import partition_examples
+from fedpt.data.records import Example, load_examples
+from fedpt.federation.records import (ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, SYSTEM_KEY,
+                                      arrays_to_state, state_to_arrays)
+from fedpt.models.lora import attach_lora, get_adapter_state, set_adapter_state
+from fedpt.systems import SYSTEM_SPECS
+from fedpt.train import local_tune
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Step 2 of a FedPT round: local LoRA SFT of the broadcast adapter."""
+    config = msg.content["config"]
+    cfg = FedPTConfig.from_json(str(config[CONFIG_KEY]))
+    spec = SYSTEM_SPECS[str(config[SYSTEM_KEY])]
+    server_round = int(config["server-round"])
+    examples, partition_id = device_examples(cfg, context)
+    model_spec = cfg.model.small if spec.device_model == "small" else cfg.model.large
+    model, tokenizer = device_model(model_spec, cfg.model.dtype, cfg.lora.rank, cfg.lora.alpha,
+                                    cfg.lora.dropout, tuple(cfg.lora.targets))
+    set_adapter_state(model, arrays_to_state(msg.content[ARRAYS_KEY]))
+    start = time.perf_counter()
+    result = local_tune(model, tokenizer, examples, cfg.data, cfg.train,
+                        seed=(cfg.run.seed * 1000 + server_round) * 1000 + partition_id)
+    metrics = MetricRecord({
+        NUM_EXAMPLES_KEY: result.num_examples,
+        "train_loss": result.loss,
+        "train_last_loss": result.last_loss,
+        "train_tokens": result.tokens,
+        "train_seconds": time.perf_counter() - start,
+    })
+    content = RecordDict({ARRAYS_KEY: state_to_arrays(get_adapter_state(model)), METRICS_KEY: metrics})
+    return Message(content=content, reply_to=msg)
+
+
+def device_examples(cfg: FedPTConfig, context: Context) -> tuple[list[Example], int]:
+    """This device's training examples and its partition id."""
+    node = context.node_config
+    if "data-path" in node:
+        return load_examples(str(node["data-path"])), int(node.get("partition-id", 0))
+    partition_id = int(node["partition-id"])
+    return _partition(cfg.data.source, cfg.to_json(), partition_id, int(node["num-partitions"])), partition_id
+
+
+@lru_cache(maxsize=4)
+def _partition(source: str, cfg_json: str, partition_id: int, num_partitions: int) -> list[Example]:
+    # Cached per process: a simulated device reuses its partition every round.
+    from fedpt.server import load_splits
+
+    cfg = FedPTConfig.from_json(cfg_json)
+    return partition_examples(load_splits(cfg).train, num_partitions, partition_id, cfg.data, cfg.data.split_seed)
+
+
+@lru_cache(maxsize=2)
+def device_model(spec: str, dtype: str, rank: int, alpha: float, dropout: float,
+                 targets: tuple[str, ...]) -> tuple[Any, Any]:
+    """The device's base LM with a LoRA adapter, loaded once per process and reused every round.
+
+    The adapter's initial values do not matter: every round overwrites them with the broadcast.
+    """
+    from fedpt.config import LoraConfig
+    from fedpt.models.loading import load_model, load_tokenizer
+
+    lora = LoraConfig(rank=rank, alpha=alpha, dropout=dropout, targets=list(targets))
+    return attach_lora(load_model(spec, dtype), lora, seed=0), load_tokenizer(spec)

@@ -1,0 +1,27 @@
+"""Record keys and conversions between fedpt objects and Flower records (one place for key names)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord
+
+from fedpt.config import FedPTConfig
+
+CONFIG_KEY = "fedpt-config"  # the resolved run config, as JSON (devices need model/data/train)
+SYSTEM_KEY = "fedpt-system"  # which system this round belongs to
+ARRAYS_KEY = "arrays"  # Flower's default ArrayRecord key
+METRICS_KEY = "metrics"
+NUM_EXAMPLES_KEY = "num-examples"  # FedAvg weights by this
+
+
+def state_to_arrays(state: dict[str, Any]) -> ArrayRecord:
+    return ArrayRecord(state)
+
+
+def arrays_to_state(arrays: ArrayRecord) -> dict[str, Any]:
+    return arrays.to_torch_state_dict()
+
+
+def train_config(cfg: FedPTConfig, system: str) -> ConfigRecord:
+    return ConfigRecord({CONFIG_KEY: cfg.to_json(), SYSTEM_KEY: system})

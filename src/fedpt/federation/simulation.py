@@ -1,0 +1,44 @@
+"""``fedpt run`` on one machine: Flower's simulation runtime, one Ray actor per busy device."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from fedpt.config import FedPTConfig
+from fedpt.metrics import RoundRecord
+from fedpt.progress import Progress
+
+
+def simulate(cfg: FedPTConfig, out_dir: Path | None, progress: Progress | None = None,
+             verbose: bool = False) -> list[RoundRecord]:
+    """Run all configured systems in one simulation (one Ray start; warm device processes)."""
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    from fedpt.federation.client_app import app as client_app
+    from fedpt.federation.server_app import run_systems
+
+    records: list[RoundRecord] = []
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context) -> None:
+        records.extend(run_systems(grid, cfg, out_dir, progress))
+
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+    backend_config = {
+        # Ray gives each actor OMP_NUM_THREADS=1: N concurrent devices on N cores, never oversubscribed.
+        "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": 0.0},
+        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
+                      "logging_level": "ERROR" if not verbose else "INFO", "log_to_driver": verbose},
+    }
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.num_clients,
+                   backend_config=backend_config, verbose_logging=verbose)
+    if len(records) < len(cfg.run.systems) * (cfg.federation.rounds + 1):
+        from fedpt.errors import FedPTError
+
+        raise FedPTError("the simulation ended before all rounds finished; rerun with --verbose to see why")
+    return records

@@ -1,0 +1,145 @@
+"""``FedPTStrategy``: Flower's FedAvg with FedPT's server steps. One round, five steps:
+
+1. **broadcast** the small LM's adapter to the sampled devices -> ``configure_train``
+2. **local tuning** on each device -> ``fedpt.train.local_tune`` (via ``client_app.train``)
+3. **aggregation**, FedAvg weighted by examples -> ``aggregate_train`` -> ``FedAvg.aggregate_train``
+4. **proxy-tuning** of the black-box large LM -> ``ServerModels.proxy_tune`` (``fedpt.proxy``)
+5. **distillation** of the proxy-tuned large LM into the small LM -> ``ServerModels.distill``
+   (``fedpt.distill``); its result is the adapter that round ``t + 1`` broadcasts.
+
+Baselines are the same strategy with switches from ``fedpt.systems``: ``fedavg-small`` and
+``fedavg-pt`` skip step 5 (``fedavg-pt`` still evaluates the proxy-tuned large LM),
+``fedavg-large`` tunes the large LM's own adapter on the devices.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedpt.distill import small_views
+from fedpt.errors import FedPTError
+from fedpt.federation.records import ARRAYS_KEY, arrays_to_state, state_to_arrays
+from fedpt.metrics import RoundLog, RoundRecord
+from fedpt.models.logits import LocalLogitSource
+from fedpt.progress import Progress
+from fedpt.server import ServerModels
+from fedpt.systems import SystemSpec
+
+
+
+class FedPTStrategy(FedAvg):
+    """FedAvg over LoRA adapters whose ``aggregate_train`` also proxy-tunes and distills.
+
+    Parameters
+    ----------
+    server : ServerModels
+        The server's tokenizer, small LM (+adapter) and black-box large LM.
+    spec : SystemSpec
+        Which system this is (FedPT or a baseline).
+    round_log : RoundLog
+        Where each round's record goes (``rounds.jsonl``).
+    num_rounds : int
+        Total rounds (the last one is always evaluated).
+    eval_every : int
+        Evaluate at round 0, every ``eval_every`` rounds, and at the last round.
+    progress : Progress, optional
+        Told when a phase starts and a round ends (live display).
+    **fedavg_kwargs
+        Passed to ``FedAvg`` (sampling fractions, minimum nodes).
+    """
+
+    def __init__(self, server: ServerModels, spec: SystemSpec, round_log: RoundLog, num_rounds: int,
+                 eval_every: int = 1, progress: Progress | None = None, **fedavg_kwargs) -> None:
+        super().__init__(**fedavg_kwargs)
+        self.server = server
+        self.spec = spec
+        self.round_log = round_log
+        self.num_rounds = num_rounds
+        self.eval_every = eval_every
+        self.progress = progress
+        self._record = RoundRecord(round=0, system=spec.name)
+        self._round_start = time.perf_counter()
+
+    # -- step 1: broadcast ------------------------------------------------------------------
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._round_start = time.perf_counter()
+        self._record = RoundRecord(round=server_round, system=self.spec.name)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._record.bytes_down_per_device = arrays.count_bytes()
+        self._record.bytes_down = arrays.count_bytes() * len(messages)
+        self._phase(server_round, f"device training ({len(messages)} devices)")
+        return messages
+
+    # -- steps 3, 4, 5 ----------------------------------------------------------------------
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)  # step 3: FedAvg
+        ok = [m for m in replies if not m.has_error()]
+        record = self._record
+        record.clients, record.failures = len(ok), len(replies) - len(ok)
+        if arrays is None:
+            reasons = "; ".join(m.error.reason.splitlines()[0] for m in replies if m.has_error())[:300]
+            raise FedPTError(f"round {server_round}: no device returned an update ({reasons or 'no replies'})")
+        sizes = [m.content[ARRAYS_KEY].count_bytes() for m in ok]
+        record.bytes_up, record.bytes_up_per_device = sum(sizes), max(sizes)
+        if metrics is not None:
+            record.train_loss = float(metrics["train_loss"])
+            record.device_train_seconds = float(metrics["train_seconds"])
+        if self.spec.distill:
+            arrays = self.proxy_tune_and_distill(server_round, arrays)
+        return arrays, metrics
+
+    def proxy_tune_and_distill(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        """Steps 4 and 5: the averaged small adapter steers the large LM, which then teaches it."""
+        self._phase(server_round, "proxy-tuning + distillation")
+        self.server.load_adapter("small", arrays_to_state(arrays))
+        result = self.server.distill(server_round)  # builds the proxy-tuned teacher (step 4) itself
+        self._record.kd_loss, self._record.distill_seconds = result.loss, result.seconds
+        self._record.kd_kl_before, self._record.kd_kl_after = result.kl_before, result.kl_after
+        return state_to_arrays(self.server.adapter_state("small"))
+
+    # -- server-side evaluation (Flower calls it at round 0 and after every round) -------------
+
+    def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        record = self._record if server_round > 0 else RoundRecord(round=0, system=self.spec.name)
+        due = server_round == 0 or server_round % self.eval_every == 0 or server_round == self.num_rounds
+        if due:
+            self._phase(server_round, "evaluation")
+            start = time.perf_counter()
+            self._evaluate_into(record, server_round, arrays)
+            record.eval_seconds = time.perf_counter() - start
+        record.seconds = time.perf_counter() - self._round_start if server_round > 0 else record.eval_seconds or 0.0
+        self.round_log.write(record)
+        if self.progress is not None:
+            self.progress.round_done(record)
+        scores = {k: v for k, v in (("rougeL_small", record.rougeL_small), ("rougeL_proxy", record.rougeL_proxy),
+                                    ("rougeL_large", record.rougeL_large)) if v is not None}
+        return MetricRecord(scores) if scores else None
+
+    def _evaluate_into(self, record: RoundRecord, server_round: int, arrays: ArrayRecord) -> None:
+        server, spec = self.server, self.spec
+        server.load_adapter(spec.device_model, arrays_to_state(arrays))
+        # At round 0 every adapter is the identity (LoRA B = 0): these are the pretrained models,
+        # scored once and shared by all systems of the run.
+        key = (lambda name: name) if server_round == 0 else (lambda name: None)
+        if spec.device_model == "large":
+            record.rougeL_large = server.evaluate(LocalLogitSource(server.large), key("large")).rouge_l
+            return
+        tuned, _ = small_views(server.small)
+        record.rougeL_small = server.evaluate(tuned, key("small")).rouge_l
+        if spec.proxy:
+            record.rougeL_proxy = server.evaluate(server.proxy_tune(), key("large")).rouge_l
+
+
+    def _phase(self, server_round: int, phase: str) -> None:
+        if self.progress is not None:
+            self.progress.phase(self.spec.name, server_round, phase)

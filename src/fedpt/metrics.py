@@ -1,0 +1,83 @@
+"""Structured per-round records (JSONL) and cost accounting. Knows no algorithm."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass
+class RoundRecord:
+    """One line of ``rounds.jsonl``: one system, one round (round 0 = before any training)."""
+
+    round: int
+    system: str
+    train_loss: float | None = None  # example-weighted mean of the devices' SFT loss
+    kd_loss: float | None = None  # mean distillation loss over the server's KD steps
+    kd_kl_before: float | None = None  # forward KL teacher->student on the KD pool, before ...
+    kd_kl_after: float | None = None  # ... and after the KD steps
+    rougeL_small: float | None = None  # the (tuned) small LM
+    rougeL_proxy: float | None = None  # the proxy-tuned large LM
+    rougeL_large: float | None = None  # the large LM tuned directly (fedavg-large)
+    clients: int = 0  # replies aggregated
+    failures: int = 0  # replies that carried an error
+    bytes_down: int = 0  # server -> devices, all devices
+    bytes_up: int = 0  # devices -> server, all devices
+    bytes_down_per_device: int = 0
+    bytes_up_per_device: int = 0
+    device_train_seconds: float | None = None  # mean per device
+    distill_seconds: float | None = None
+    eval_seconds: float | None = None
+    seconds: float = 0.0  # wall time of the whole round
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+class RoundLog:
+    """Appends records to ``rounds.jsonl`` as they complete (a crash keeps finished rounds)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.records: list[RoundRecord] = []
+
+    def write(self, record: RoundRecord) -> None:
+        self.records.append(record)
+        if self.path is not None:
+            with self.path.open("a") as handle:
+                handle.write(record.to_json() + "\n")
+
+
+class PeakMemory:
+    """Peak resident memory of this process and all its children (Ray actors included), sampled."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self.interval = interval
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak_bytes = max(self.peak_bytes, total)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

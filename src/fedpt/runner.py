@@ -1,0 +1,105 @@
+"""A run from the user's side: check everything, prepare the output directory, simulate, report.
+
+Everything that can be checked before the first round is checked before the output directory
+is touched, so bad input never costs an earlier run its results.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from fedpt.config import FedPTConfig
+from fedpt.errors import FedPTError
+from fedpt.metrics import PeakMemory, RoundRecord
+from fedpt.systems import SYSTEM_SPECS
+
+
+def preflight(cfg: FedPTConfig) -> dict[str, list[int]]:
+    """Data, partitions and vocabularies, checked up front; returns the per-client category histogram."""
+    from fedpt.data.partition import category_histogram, partition_examples
+    from fedpt.models.loading import check_same_vocabulary
+    from fedpt.server import load_splits
+
+    splits = load_splits(cfg)
+    n = cfg.federation.num_clients
+    partitions = [partition_examples(splits.train, n, i, cfg.data, cfg.data.split_seed) for i in range(n)]
+    check_same_vocabulary(cfg.model.small, cfg.model.large)
+    return category_histogram(partitions)
+
+
+def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """An existing, non-empty run directory is only replaced when the user says ``--overwrite``."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FedPTError(f"output path {out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise FedPTError(f"output directory {out_dir} already holds a run; pass --overwrite to replace it "
+                             "or choose another --out")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def run(cfg: FedPTConfig, out_dir: Path, overwrite: bool = False, verbose: bool = False,
+        show_progress: bool = True) -> dict:
+    """``fedpt run``: all configured systems in one Flower simulation; returns the summary."""
+    from fedpt.federation.simulation import simulate
+    from fedpt.progress import Progress
+
+    histogram = preflight(cfg)
+    prepare_out_dir(out_dir, overwrite)
+    cfg.save(out_dir / "config.toml")
+    (out_dir / "partitions.json").write_text(json.dumps(histogram, indent=1))
+    progress = Progress(cfg.run.systems, cfg.federation.rounds, enabled=show_progress)
+    start = time.perf_counter()
+    try:
+        with PeakMemory() as memory:
+            records = simulate(cfg, out_dir, progress, verbose)
+    finally:
+        progress.close()
+    return write_summary(out_dir, cfg, records, time.perf_counter() - start, memory.peak_bytes)
+
+
+def write_summary(out_dir: Path, cfg: FedPTConfig, records: list[RoundRecord], wall_seconds: float | None,
+                  peak_memory_bytes: int | None) -> dict:
+    from fedpt.evaluate import protocol_name
+
+    systems = {}
+    for name in cfg.run.systems:
+        rows = [r for r in records if r.system == name]
+        final = max(rows, key=lambda r: r.round) if rows else None
+        pretrained = next((r for r in rows if r.round == 0), None)
+        systems[name] = {
+            "description": SYSTEM_SPECS[name].summary,
+            "final": final.__dict__ if final else None,
+            "pretrained": pretrained.__dict__ if pretrained else None,
+            "adapter": str(out_dir / name / "adapter"),
+        }
+    summary = {
+        "systems": systems,
+        "rounds": cfg.federation.rounds,
+        "eval_protocol": protocol_name(cfg.eval),
+        "eval_prompts": cfg.data.eval_size,
+        "wall_seconds": wall_seconds,
+        "peak_memory_bytes": peak_memory_bytes,
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    """Rouge-L before training (round 0) and after the last round, per system."""
+    def cell(value: float | None) -> str:
+        return f"{value:8.2f}" if value is not None else "       -"
+
+    lines = [f"Rouge-L ({summary['eval_protocol']}, {summary['eval_prompts']} held-out prompts)",
+             f"{'system':<14}{'round':>6}{'small':>9}{'proxy':>9}{'large':>9}"]
+    for name, info in summary["systems"].items():
+        for row in (info["pretrained"], info["final"]):
+            if row:
+                lines.append(f"{name:<14}{row['round']:>6}{cell(row['rougeL_small'])}{cell(row['rougeL_proxy'])}"
+                             f"{cell(row['rougeL_large'])}")
+    lines.append("round 0 = pretrained models (small, large); 'proxy' = large proxy-tuned by the small adapter")
+    return "\n".join(lines)

@@ -1,0 +1,100 @@
+"""The server's models and its side of a round: steps 4 (proxy-tune) and 5 (distill), and evaluation.
+
+``ServerModels`` holds the tokenizer, the small LM with its LoRA adapter (tuned view =
+adapter on, base view = adapter off) and the large LM, which it only ever queries through a
+``LogitSource`` (next-token logits). The large LM gets an adapter of its own only for the
+fedavg-large baseline, which is white-box by definition. No Flower here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedpt.config import FedPTConfig
+from fedpt.data.prompts import format_prompt
+from fedpt.data.records import Splits, load_examples, split_examples
+from fedpt.distill import DistillResult, distill, small_views
+from fedpt.evaluate import EvalResult, evaluate_rouge
+from fedpt.models.logits import LocalLogitSource, LogitSource
+from fedpt.models.lora import attach_lora, get_adapter_state, set_adapter_state
+from fedpt.proxy import ProxyTunedLM
+
+
+def load_splits(cfg: FedPTConfig) -> Splits:
+    return split_examples(load_examples(cfg.data.source), cfg.data.eval_size, cfg.data.kd_pool_size,
+                          cfg.data.split_seed)
+
+
+@dataclass
+class ServerModels:
+    cfg: FedPTConfig
+    tokenizer: Any
+    small: Any  # PeftModel over the small base
+    large: Any  # the large LM; a PeftModel only when fedavg-large runs
+    splits: Splits
+    initial: dict[str, dict[str, Any]] = field(default_factory=dict)  # adapters before any training
+    _round0: dict[str, EvalResult] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, cfg: FedPTConfig, splits: Splits, large_trainable: bool) -> "ServerModels":
+        from fedpt.models.loading import check_logit_width, load_model, load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model.small)
+        # Fresh copies, not the per-process cache: peft injects adapters into the base in place.
+        small_base = load_model(cfg.model.small, cfg.model.dtype)
+        large = load_model(cfg.model.large, cfg.model.dtype)
+        check_logit_width(small_base, large, cfg.model.small, cfg.model.large)
+        small = attach_lora(small_base, cfg.lora, seed=cfg.run.seed)
+        if large_trainable:
+            large = attach_lora(large, cfg.lora, seed=cfg.run.seed)
+        initial = {"small": get_adapter_state(small)}
+        if large_trainable:
+            initial["large"] = get_adapter_state(large)
+        return cls(cfg, tokenizer, small, large, splits, initial)
+
+    # -- adapters ----------------------------------------------------------------------------
+
+    def initial_adapter(self, device_model: str) -> dict[str, Any]:
+        """Every system of a run starts from the same adapter, whatever ran before it."""
+        return self.initial[device_model]
+
+    def load_adapter(self, device_model: str, state: dict[str, Any]) -> None:
+        set_adapter_state(self.model(device_model), state)
+
+    def adapter_state(self, device_model: str) -> dict[str, Any]:
+        return get_adapter_state(self.model(device_model))
+
+    def model(self, device_model: str) -> Any:
+        return self.small if device_model == "small" else self.large
+
+    # -- step 4: proxy-tuning ---------------------------------------------------------------
+
+    def large_logits(self) -> LogitSource:
+        """The black-box large LM: logits only (its adapter, if any, stays off)."""
+        return LocalLogitSource(self.large, use_adapter=False)
+
+    def proxy_tune(self, alpha: float | None = None) -> ProxyTunedLM:
+        """The proxy-tuned large LM for the small adapter currently loaded."""
+        tuned, base = small_views(self.small)
+        return ProxyTunedLM(self.large_logits(), tuned, base, self.cfg.proxy.alpha if alpha is None else alpha)
+
+    # -- step 5: distillation ---------------------------------------------------------------
+
+    def distill(self, server_round: int) -> DistillResult:
+        """Distill the proxy-tuned large LM into the loaded small adapter, in place."""
+        teacher = self.proxy_tune()
+        prompts = [format_prompt(ex, self.cfg.data.template, self.tokenizer) for ex in self.splits.kd_pool]
+        return distill(teacher, self.small, self.tokenizer, prompts, self.cfg.distill, self.cfg.data,
+                       seed=self.cfg.run.seed * 1000 + server_round)
+
+    # -- evaluation -------------------------------------------------------------------------
+
+    def evaluate(self, source: LogitSource, key: str | None = None) -> EvalResult:
+        """Rouge-L on the held-out set; ``key`` memoises pretrained-model scores shared by systems."""
+        if key is not None and key in self._round0:
+            return self._round0[key]
+        result = evaluate_rouge(source, self.tokenizer, self.splits.eval, self.cfg.eval, self.cfg.data)
+        if key is not None:
+            self._round0[key] = result
+        return result

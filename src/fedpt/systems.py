@@ -1,0 +1,29 @@
+"""FedPT and its baselines are configurations of one pipeline, not copies of it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SystemSpec:
+    name: str
+    device_model: str  # which LM the devices LoRA-tune: "small" or "large"
+    proxy: bool  # evaluate the proxy-tuned large LM (large + alpha * (tuned small - base small))
+    distill: bool  # distill the proxy-tuned large LM into the small LM every round
+    summary: str
+
+
+SYSTEM_SPECS: dict[str, SystemSpec] = {
+    spec.name: spec
+    for spec in (
+        SystemSpec("fedpt", "small", proxy=True, distill=True,
+                   summary="FedAvg on the small LM, proxy-tune the large LM, distill it back, every round"),
+        SystemSpec("fedavg-small", "small", proxy=False, distill=False,
+                   summary="FedAvg LoRA on the small LM only"),
+        SystemSpec("fedavg-large", "large", proxy=False, distill=False,
+                   summary="FedAvg LoRA on the large LM (white-box, big devices): the quality reference"),
+        SystemSpec("fedavg-pt", "small", proxy=True, distill=False,
+                   summary="FedAvg on the small LM, proxy-tune the large LM at evaluation, no distillation"),
+    )
+}

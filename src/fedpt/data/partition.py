@@ -16,6 +16,8 @@ def partition_examples(
 
     if not 0 <= partition_id < num_partitions:
         raise FedPTError(f"partition-id {partition_id} is out of range for {num_partitions} partitions")
+    if len(examples) < num_partitions:
+        raise FedPTError(_empty(partition_id, len(examples), num_partitions))
     if cfg.partitioner == "iid":
         partitioner = IidPartitioner(num_partitions=num_partitions)
     else:
@@ -33,14 +35,16 @@ def partition_examples(
                                              "category": [ex.category for ex in examples]})
     try:
         rows = partitioner.load_partition(partition_id)["row"]
-    except ValueError as err:
+    except (ValueError, IndexError) as err:
         raise FedPTError(f"could not partition {len(examples)} records into {num_partitions} parts: {err}") from None
     if not rows:
-        raise FedPTError(
-            f"client {partition_id}'s partition is empty ({len(examples)} records, {num_partitions} clients); "
-            "use fewer clients, more data or a larger data.dirichlet_alpha"
-        )
+        raise FedPTError(_empty(partition_id, len(examples), num_partitions))
     return [examples[i] for i in rows]
+
+
+def _empty(partition_id: int, records: int, clients: int) -> str:
+    return (f"client {partition_id}'s partition is empty ({records} device records, {clients} clients); "
+            "use fewer clients, more data or a larger data.dirichlet_alpha")
 
 
 def category_histogram(partitions: list[list[Example]]) -> dict[str, list[int]]:

@@ -1,0 +1,33 @@
+"""Shared fixtures: a private FEDPT_HOME with the tiny model pair, built once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fedpt_home(tmp_path_factory) -> str:
+    """Tests never touch the user's cache; the tiny pair is built here once (seeded, ~20 s)."""
+    home = os.environ.get("FEDPT_TEST_HOME") or str(tmp_path_factory.mktemp("fedpt-home"))
+    os.environ["FEDPT_HOME"] = home
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(fedpt_home):
+    """(tokenizer, small, large) tiny models in fp32, loaded through the real loading code."""
+    from fedpt.models.loading import load_model, load_tokenizer
+
+    return load_tokenizer("tiny-small"), load_model("tiny-small", "float32"), load_model("tiny-large", "float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    from fedpt.config import load_config
+
+    return load_config(preset="tiny")

@@ -1,0 +1,81 @@
+"""Bad input through the real entry point: one line on stderr, exit status 2, nothing overwritten."""
+
+import json
+
+import pytest
+
+from fedpt.cli import main
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("error: ")
+    return err[0]
+
+
+def _run(*args) -> int:
+    return main(["run", "--no-progress", *args])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "train.lrr=1"], "unknown key 'train.lrr'"),
+    (["--set", "train.steps=-1"], "train.steps must be > 0"),
+    (["--system", "fedsgd"], "unknown system 'fedsgd'"),
+    (["--preset", "nope"], "unknown preset 'nope'"),
+    (["--set", "data.source=/does/not/exist.jsonl"], "does not exist"),
+])
+def test_bad_config_is_one_line(tmp_path, capsys, args, message):
+    assert _run(*args, "--out", str(tmp_path / "run")) == 2
+    assert message in _error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_config_file(tmp_path, capsys):
+    assert _run("--config", str(tmp_path / "none.toml"), "--out", str(tmp_path / "run")) == 2
+    assert "does not exist" in _error_line(capsys)
+
+
+def test_broken_dataset_line_names_file_and_line(tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    rows = [json.dumps({"instruction": f"q{i}", "response": f"a{i}"}) for i in range(60)]
+    rows[41] = '{"instruction": "broken", '
+    data.write_text("\n".join(rows) + "\n")
+    assert _run("--set", f"data.source='{data}'", "--out", str(tmp_path / "run")) == 2
+    assert f"{data}:42: not valid JSON" in _error_line(capsys)
+
+
+def test_empty_partition(tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"q{i}", "response": "a"}) + "\n" for i in range(20)))
+    assert _run("--set", f"data.source='{data}'", "--set", "data.eval_size=4", "--set", "data.kd_pool_size=4",
+                "--set", "federation.num_clients=16", "--set", "federation.clients_per_round=2",
+                "--set", "data.partitioner='iid'", "--out", str(tmp_path / "run")) == 2
+    assert "partition is empty" in _error_line(capsys)
+
+
+def test_tokenizer_mismatch_names_both_models(tmp_path, capsys, fedpt_home):
+    from fedpt.models.tiny import TINY_SHAPES, build_model, build_tokenizer
+
+    other = tmp_path / "other-vocab"
+    tokenizer = build_tokenizer(vocab_size=700)
+    build_model(TINY_SHAPES["tiny-small"], tokenizer, seed=0, pretrain_steps=0).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    assert _run("--set", f"model.large='{other}'", "--out", str(tmp_path / "run")) == 2
+    line = _error_line(capsys)
+    assert "tiny-small" in line and str(other) in line and "differ" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_is_never_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "rounds.jsonl").write_text("precious\n")
+    assert _run("--out", str(out)) == 2
+    assert "--overwrite" in _error_line(capsys)
+    assert (out / "rounds.jsonl").read_text() == "precious\n"
+
+
+def test_generate_needs_a_run_directory(tmp_path, capsys):
+    assert main(["generate", "--run", str(tmp_path), "hello"]) == 2
+    assert "not a fedpt run directory" in _error_line(capsys)

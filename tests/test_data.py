@@ -1,0 +1,60 @@
+import json
+
+import pytest
+
+from fedpt.config import DataConfig
+from fedpt.data.partition import partition_examples
+from fedpt.data.prompts import IGNORE_INDEX, encode_sft
+from fedpt.data.records import check_disjoint, load_examples, split_examples, Splits
+from fedpt.errors import FedPTError
+
+
+def test_builtin_split_is_disjoint_and_stratified():
+    examples = load_examples("builtin:dolly-tiny")
+    splits = split_examples(examples, eval_size=16, kd_pool_size=32, seed=1)
+    assert len(splits.eval) == 16 and len(splits.kd_pool) == 32
+    assert len({ex.category for ex in splits.eval}) == 8  # every Dolly category represented
+    assert all(ex.response == "" for ex in splits.kd_pool)  # the server sees instructions only
+    keys = [{ex.key for ex in s} for s in (splits.train, splits.eval, splits.kd_pool)]
+    assert not (keys[0] & keys[1]) and not (keys[0] & keys[2]) and not (keys[1] & keys[2])
+    assert split_examples(examples, 16, 32, seed=1) == splits  # deterministic
+
+
+def test_disjointness_check_catches_overlap():
+    examples = load_examples("builtin:dolly-tiny")[:10]
+    with pytest.raises(FedPTError, match="device data and eval share 1"):
+        check_disjoint(Splits(train=examples[:3], eval=examples[2:4], kd_pool=[]))
+
+
+def test_broken_line_names_file_and_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    good = json.dumps({"instruction": "a", "response": "b"})
+    path.write_text(f"{good}\n{good}\n{{not json\n")
+    with pytest.raises(FedPTError, match=rf"{path}:3: not valid JSON"):
+        load_examples(str(path))
+    path.write_text(f"{good}\n" + json.dumps({"instruction": "a"}) + "\n")
+    with pytest.raises(FedPTError, match=rf"{path}:2: missing 'response'"):
+        load_examples(str(path))
+
+
+def test_partitions_cover_training_data_once():
+    splits = split_examples(load_examples("builtin:dolly-tiny"), 16, 32, seed=1)
+    for partitioner in ("iid", "dirichlet"):
+        cfg = DataConfig(partitioner=partitioner, dirichlet_alpha=0.5)
+        parts = [partition_examples(splits.train, 4, i, cfg, seed=3) for i in range(4)]
+        assert sum(len(p) for p in parts) == len(splits.train)
+        assert {ex.key for p in parts for ex in p} == {ex.key for ex in splits.train}
+
+
+def test_empty_partition_is_an_error():
+    splits = split_examples(load_examples("builtin:dolly-tiny"), 16, 32, seed=1)
+    with pytest.raises(FedPTError, match="partition is empty"):
+        partition_examples(splits.train[:5], 8, 7, DataConfig(partitioner="iid"), seed=0)
+
+
+def test_sft_labels_mask_the_prompt(tiny_pair):
+    tokenizer = tiny_pair[0]
+    ids, labels = encode_sft(tokenizer, "### Instruction:\nSay hi\n\n### Response:\n", "hi there", 64, 96)
+    n_prompt = len(tokenizer("### Instruction:\nSay hi\n\n### Response:\n")["input_ids"])
+    assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert labels[n_prompt:] == ids[n_prompt:] and ids[-1] == tokenizer.eos_token_id

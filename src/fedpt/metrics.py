@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
@@ -22,6 +22,9 @@ class RoundRecord:
     rougeL_small: float | None = None  # the (tuned) small LM
     rougeL_proxy: float | None = None  # the proxy-tuned large LM
     rougeL_large: float | None = None  # the large LM tuned directly (fedavg-large)
+    # The three above are on the first evaluation set (held out from the training source);
+    # this has every set: {set name: {"small" | "proxy" | "large": Rouge-L}}.
+    rougeL_sets: dict[str, dict[str, float]] = field(default_factory=dict)
     clients: int = 0  # replies aggregated
     failures: int = 0  # replies that carried an error
     bytes_down: int = 0  # server -> devices, all devices

@@ -21,9 +21,10 @@ def preflight(cfg: FedPTConfig) -> dict[str, list[int]]:
     """Data, partitions and vocabularies, checked up front; returns the per-client category histogram."""
     from fedpt.data.partition import category_histogram, partition_examples
     from fedpt.models.loading import check_same_vocabulary
-    from fedpt.server import load_splits
+    from fedpt.server import load_eval_sets, load_splits
 
     splits = load_splits(cfg)
+    load_eval_sets(cfg, splits)  # readable, and disjoint from device data and the KD pool
     n = cfg.federation.num_clients
     partitions = [partition_examples(splits.train, n, i, cfg.data, cfg.data.split_seed) for i in range(n)]
     check_same_vocabulary(cfg.model.small, cfg.model.large)
@@ -81,7 +82,6 @@ def write_summary(out_dir: Path, cfg: FedPTConfig, records: list[RoundRecord], w
         "systems": systems,
         "rounds": cfg.federation.rounds,
         "eval_protocol": protocol_name(cfg.eval),
-        "eval_prompts": cfg.data.eval_size,
         "wall_seconds": wall_seconds,
         "peak_memory_bytes": peak_memory_bytes,
     }
@@ -90,16 +90,19 @@ def write_summary(out_dir: Path, cfg: FedPTConfig, records: list[RoundRecord], w
 
 
 def format_table(summary: dict) -> str:
-    """Rouge-L before training (round 0) and after the last round, per system."""
+    """Rouge-L per system and evaluation set: pretrained (round 0) and after the last round."""
     def cell(value: float | None) -> str:
-        return f"{value:8.2f}" if value is not None else "       -"
+        return f"{value:>10.2f}" if value is not None else f"{'-':>10}"
 
-    lines = [f"Rouge-L ({summary['eval_protocol']}, {summary['eval_prompts']} held-out prompts)",
-             f"{'system':<14}{'round':>6}{'small':>9}{'proxy':>9}{'large':>9}"]
+    header = f"{'system':<14}{'eval set':<16}{'small@0':>10}{'large@0':>10}{'small':>10}{'proxy':>10}{'large':>10}"
+    lines = [f"Rouge-L ({summary['eval_protocol']}); @0 = pretrained, others after round {summary['rounds']}",
+             header, "-" * len(header)]
     for name, info in summary["systems"].items():
-        for row in (info["pretrained"], info["final"]):
-            if row:
-                lines.append(f"{name:<14}{row['round']:>6}{cell(row['rougeL_small'])}{cell(row['rougeL_proxy'])}"
-                             f"{cell(row['rougeL_large'])}")
-    lines.append("round 0 = pretrained models (small, large); 'proxy' = large proxy-tuned by the small adapter")
+        first, last = info["pretrained"] or {}, info["final"] or {}
+        for set_name in (last.get("rougeL_sets") or first.get("rougeL_sets") or {}):
+            before = first.get("rougeL_sets", {}).get(set_name, {})
+            after = last.get("rougeL_sets", {}).get(set_name, {})
+            lines.append(f"{name:<14}{set_name:<16}{cell(before.get('small'))}{cell(before.get('large'))}"
+                         f"{cell(after.get('small'))}{cell(after.get('proxy'))}{cell(after.get('large'))}")
+    lines.append("small = tuned small LM; proxy = large LM proxy-tuned by it; large = large LM tuned directly")
     return "\n".join(lines)

@@ -13,7 +13,8 @@ from typing import Any
 
 from fedpt.config import FedPTConfig
 from fedpt.data.prompts import format_prompt
-from fedpt.data.records import Splits, load_examples, split_examples
+from fedpt.data.records import (Example, Splits, check_disjoint, load_eval_set, load_examples, source_name,
+                                split_examples)
 from fedpt.distill import DistillResult, distill, small_views
 from fedpt.evaluate import EvalResult, evaluate_rouge
 from fedpt.models.logits import LocalLogitSource, LogitSource
@@ -26,6 +27,18 @@ def load_splits(cfg: FedPTConfig) -> Splits:
                           cfg.data.split_seed)
 
 
+def load_eval_sets(cfg: FedPTConfig, splits: Splits) -> dict[str, list[Example]]:
+    """Named evaluation sets: the held-out split of the training source first, then ``data.eval_sets``.
+
+    Each extra set is checked to share no prompt with device data or the KD pool.
+    """
+    sets = {source_name(cfg.data.source): splits.eval}
+    extra = {source_name(src): load_eval_set(src, cfg.data.eval_sets_size, cfg.data.split_seed)
+             for src in cfg.data.eval_sets}
+    check_disjoint(splits, extra)
+    return sets | extra
+
+
 @dataclass
 class ServerModels:
     cfg: FedPTConfig
@@ -33,8 +46,9 @@ class ServerModels:
     small: Any  # PeftModel over the small base
     large: Any  # the large LM; a PeftModel only when fedavg-large runs
     splits: Splits
+    eval_sets: dict[str, list[Example]]
     initial: dict[str, dict[str, Any]] = field(default_factory=dict)  # adapters before any training
-    _round0: dict[str, EvalResult] = field(default_factory=dict)
+    _round0: dict[str, dict[str, EvalResult]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, cfg: FedPTConfig, splits: Splits, large_trainable: bool) -> "ServerModels":
@@ -51,7 +65,7 @@ class ServerModels:
         initial = {"small": get_adapter_state(small)}
         if large_trainable:
             initial["large"] = get_adapter_state(large)
-        return cls(cfg, tokenizer, small, large, splits, initial)
+        return cls(cfg, tokenizer, small, large, splits, load_eval_sets(cfg, splits), initial)
 
     # -- adapters ----------------------------------------------------------------------------
 
@@ -90,11 +104,12 @@ class ServerModels:
 
     # -- evaluation -------------------------------------------------------------------------
 
-    def evaluate(self, source: LogitSource, key: str | None = None) -> EvalResult:
-        """Rouge-L on the held-out set; ``key`` memoises pretrained-model scores shared by systems."""
+    def evaluate(self, source: LogitSource, key: str | None = None) -> dict[str, EvalResult]:
+        """Rouge-L on every evaluation set; ``key`` memoises pretrained-model scores shared by systems."""
         if key is not None and key in self._round0:
             return self._round0[key]
-        result = evaluate_rouge(source, self.tokenizer, self.splits.eval, self.cfg.eval, self.cfg.data)
+        results = {name: evaluate_rouge(source, self.tokenizer, examples, self.cfg.eval, self.cfg.data)
+                   for name, examples in self.eval_sets.items()}
         if key is not None:
-            self._round0[key] = result
-        return result
+            self._round0[key] = results
+        return results

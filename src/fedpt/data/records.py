@@ -7,6 +7,7 @@ Knows a tokenizer at most; no model, no Flower.
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 from collections import defaultdict
@@ -16,7 +17,12 @@ from pathlib import Path
 
 from fedpt.errors import FedPTError
 
-BUILTIN_SOURCES = {"dolly-tiny": "dolly-tiny.jsonl"}
+BUILTIN_SOURCES = {
+    "dolly-tiny": "dolly-tiny.jsonl",  # 643 short Dolly records: the tiny preset
+    "dolly-15k": "dolly-15k.jsonl.gz",  # databricks-dolly-15k, complete: device data + held-out split
+    "self-instruct": "self-instruct-252.jsonl",  # Self-Instruct user-oriented, 252 (evaluation only)
+    "sni": "sni-test.jsonl",  # S-NI test instances at hand, reference > 11 tokens (evaluation only)
+}
 
 
 @dataclass(frozen=True)
@@ -60,7 +66,8 @@ def load_examples(source: str) -> list[Example]:
     """Read every record; any broken line is an error naming the file and the line."""
     path = resolve_source(source)
     examples = []
-    with path.open(encoding="utf-8") as handle:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -87,7 +94,10 @@ def _parse_line(line: str, path: Path, line_no: int) -> Example:
         raise FedPTError(f"{where}: missing 'response' (or 'output') string field")
     if not isinstance(context, str):
         raise FedPTError(f"{where}: 'context' must be a string")
-    return Example(instruction, context, response, str(raw.get("category", "none")))
+    references = raw.get("references", [])
+    if not isinstance(references, list) or not all(isinstance(r, str) for r in references):
+        raise FedPTError(f"{where}: 'references' must be a list of strings")
+    return Example(instruction, context, response, str(raw.get("category", "none")), tuple(references))
 
 
 def split_examples(examples: list[Example], eval_size: int, kd_pool_size: int, seed: int) -> Splits:
@@ -117,6 +127,20 @@ def split_examples(examples: list[Example], eval_size: int, kd_pool_size: int, s
     return splits
 
 
+def source_name(source: str) -> str:
+    """Short name of a data source for tables: the built-in name or the file's stem."""
+    return source.removeprefix("builtin:") if source.startswith("builtin:") else Path(source).name.split(".")[0]
+
+
+def load_eval_set(source: str, size: int, seed: int) -> list[Example]:
+    """An evaluation-only source, capped at ``size`` records (0 = all), stratified by category."""
+    examples = list({ex.key: ex for ex in load_examples(source)}.values())
+    if size and size < len(examples):
+        random.Random(seed).shuffle(examples)
+        examples = _stratified_take(examples, size)
+    return examples
+
+
 def _stratified_take(pool: list[Example], size: int) -> list[Example]:
     """Round-robin over categories (in a fixed order) so every category is represented."""
     by_category: dict[str, list[Example]] = defaultdict(list)
@@ -131,11 +155,15 @@ def _stratified_take(pool: list[Example], size: int) -> list[Example]:
     return taken
 
 
-def check_disjoint(splits: Splits) -> None:
+def check_disjoint(splits: Splits, extra_eval: dict[str, list[Example]] | None = None) -> None:
     """The KD pool and device data must never contain an evaluation prompt, nor each other's."""
     train, evals, kd = ({ex.key for ex in s} for s in (splits.train, splits.eval, splits.kd_pool))
-    for a, b, what in ((train, evals, "device data and eval"), (kd, evals, "KD pool and eval"),
-                       (train, kd, "device data and KD pool")):
+    pairs = [(train, evals, "device data and eval"), (kd, evals, "KD pool and eval"),
+             (train, kd, "device data and KD pool")]
+    for name, examples in (extra_eval or {}).items():
+        keys = {ex.key for ex in examples}
+        pairs += [(train, keys, f"device data and eval set {name}"), (kd, keys, f"KD pool and eval set {name}")]
+    for a, b, what in pairs:
         overlap = a & b
         if overlap:
             raise FedPTError(f"{what} share {len(overlap)} prompt(s), e.g. {next(iter(overlap))[0][:60]!r}")

@@ -25,7 +25,7 @@ from fedpt.distill import small_views
 from fedpt.errors import FedPTError
 from fedpt.federation.records import ARRAYS_KEY, arrays_to_state, state_to_arrays
 from fedpt.metrics import RoundLog, RoundRecord
-from fedpt.models.logits import LocalLogitSource
+from fedpt.models.logits import LocalLogitSource, LogitSource
 from fedpt.progress import Progress
 from fedpt.server import ServerModels
 from fedpt.systems import SystemSpec
@@ -128,17 +128,21 @@ class FedPTStrategy(FedAvg):
     def _evaluate_into(self, record: RoundRecord, server_round: int, arrays: ArrayRecord) -> None:
         server, spec = self.server, self.spec
         server.load_adapter(spec.device_model, arrays_to_state(arrays))
-        # At round 0 every adapter is the identity (LoRA B = 0): these are the pretrained models,
-        # scored once and shared by all systems of the run.
-        key = (lambda name: name) if server_round == 0 else (lambda name: None)
-        if spec.device_model == "large":
-            record.rougeL_large = server.evaluate(LocalLogitSource(server.large), key("large")).rouge_l
-            return
-        tuned, _ = small_views(server.small)
-        record.rougeL_small = server.evaluate(tuned, key("small")).rouge_l
-        if spec.proxy:
-            record.rougeL_proxy = server.evaluate(server.proxy_tune(), key("large")).rouge_l
 
+        def score(role: str, source: LogitSource) -> float:
+            # At round 0 every adapter is the identity (LoRA B = 0): these are the pretrained
+            # models, scored once and shared by all systems of the run.
+            results = server.evaluate(source, key=role if server_round == 0 else None)
+            for set_name, result in results.items():
+                record.rougeL_sets.setdefault(set_name, {})[role] = result.rouge_l
+            return next(iter(results.values())).rouge_l
+
+        if spec.device_model == "large":
+            record.rougeL_large = score("large", LocalLogitSource(server.large))
+            return
+        record.rougeL_small = score("small", small_views(server.small)[0])
+        if spec.proxy:
+            record.rougeL_proxy = score("proxy" if server_round else "large", server.proxy_tune())
 
     def _phase(self, server_round: int, phase: str) -> None:
         if self.progress is not None:

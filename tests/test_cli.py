@@ -15,7 +15,8 @@ def _error_line(capsys) -> str:
 
 
 def _run(*args) -> int:
-    return main(["run", "--no-progress", *args])
+    preset = [] if "--preset" in args or "--config" in args else ["--preset", "tiny"]
+    return main(["run", "--no-progress", *preset, *args])
 
 
 @pytest.mark.parametrize("args, message", [

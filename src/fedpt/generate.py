@@ -18,9 +18,8 @@ def generate_answer(run_dir: Path, prompt: str, alpha: float | None = None, syst
     """Greedy answer from ``model`` (proxy-tuned large, tuned small, or plain large) of ``run_dir``."""
     from peft import PeftModel
 
-    from fedpt.distill import small_views
     from fedpt.models.loading import load_model, load_tokenizer
-    from fedpt.models.logits import LocalLogitSource
+    from fedpt.models.logits import LocalLogitSource, MixedAdapterDiff
     from fedpt.proxy import Decoding, ProxyTunedLM, generate_ids
 
     config_path = run_dir / "config.toml"
@@ -44,9 +43,8 @@ def generate_answer(run_dir: Path, prompt: str, alpha: float | None = None, syst
         source = LocalLogitSource(load_model(cfg.model.large, cfg.model.dtype))
     else:
         small = PeftModel.from_pretrained(load_model(cfg.model.small, cfg.model.dtype), adapter_dir)
-        tuned, base = small_views(small)
-        source = tuned if model == "small" else ProxyTunedLM(
-            LocalLogitSource(load_model(cfg.model.large, cfg.model.dtype)), tuned, base,
+        source = LocalLogitSource(small) if model == "small" else ProxyTunedLM(
+            LocalLogitSource(load_model(cfg.model.large, cfg.model.dtype)), MixedAdapterDiff(small),
             cfg.proxy.alpha if alpha is None else alpha)
     text = format_prompt(Example(prompt), cfg.data.template, tokenizer)
     decoding = Decoding(max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens)

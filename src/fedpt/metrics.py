@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,6 +32,8 @@ class RoundRecord:
     bytes_down_per_device: int = 0
     bytes_up_per_device: int = 0
     device_train_seconds: float | None = None  # mean per device
+    device_train_tokens: float | None = None  # mean per device (FLOPs estimate: 6 * params * tokens)
+    device_peak_memory_bytes: int | None = None  # max over devices of the device process's peak RSS
     distill_seconds: float | None = None
     eval_seconds: float | None = None
     seconds: float = 0.0  # wall time of the whole round
@@ -41,11 +43,24 @@ class RoundRecord:
 
 
 class RoundLog:
-    """Appends records to ``rounds.jsonl`` as they complete (a crash keeps finished rounds)."""
+    """Appends records to ``rounds.jsonl`` as they complete (a crash keeps finished rounds).
+
+    An existing file is read back, so a resumed run extends it.
+    """
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self.records: list[RoundRecord] = []
+        if path is not None and path.is_file():
+            self.records = [RoundRecord(**json.loads(line)) for line in path.read_text().splitlines() if line]
+
+    def truncate(self, system: str, last_round: int) -> None:
+        """Forget ``system``'s records after ``last_round`` (written after its last checkpoint)."""
+        self.records = [r for r in self.records if r.system != system or r.round <= last_round]
+        if self.path is not None:
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(r.to_json() + "\n" for r in self.records))
+            os.replace(tmp, self.path)
 
     def write(self, record: RoundRecord) -> None:
         self.records.append(record)
@@ -55,9 +70,13 @@ class RoundLog:
 
 
 class PeakMemory:
-    """Peak resident memory of this process and all its children (Ray actors included), sampled."""
+    """Peak memory of this process and all its children (Ray actors included), sampled.
 
-    def __init__(self, interval: float = 0.25) -> None:
+    Sums PSS (proportional set size), so pages shared between processes (mmapped weights,
+    Ray's object store, libraries) count once, not once per process as RSS would.
+    """
+
+    def __init__(self, interval: float = 1.0) -> None:
         self.interval = interval
         self.peak_bytes = 0
         self._stop = threading.Event()
@@ -71,11 +90,11 @@ class PeakMemory:
             total = 0
             for proc in [me, *me.children(recursive=True)]:
                 try:
-                    total += proc.memory_info().rss
-                except psutil.Error:
+                    total += proc.memory_full_info().pss
+                except (psutil.Error, AttributeError):
                     pass
             self.peak_bytes = max(self.peak_bytes, total)
-            time.sleep(self.interval)
+            self._stop.wait(self.interval)
 
     def __enter__(self) -> "PeakMemory":
         self._thread.start()

@@ -21,6 +21,10 @@ class Progress:
     def phase(self, system: str, server_round: int, phase: str) -> None:
         self.bar.set_description_str(f"{system} round {server_round}/{self.rounds}: {phase}")
 
+    def skip(self, rounds: int) -> None:
+        """Rounds finished by an earlier run (resume)."""
+        self.bar.update(rounds)
+
     def round_done(self, record: RoundRecord) -> None:
         self.bar.write(describe_round(record), file=sys.stderr)
         if record.round > 0:

@@ -11,28 +11,63 @@ top-k / no-repeat-ngram), left padding, EOS stop, spelled out as in nanoGPT's ``
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import torch
 
 from fedpt.models.logits import LogitSource
 
 
-def proxy_logits(z_large: torch.Tensor, z_tuned: torch.Tensor, z_base: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Shift the large LM's logits by alpha times what tuning changed in the small LM (fp32)."""
-    return z_large.float() + alpha * (z_tuned.float() - z_base.float())
+def proxy_logits(z_large: torch.Tensor, z_diff: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Shift the large LM's logits by alpha times what tuning changed in the small LM,
+    ``z_diff = z_small_tuned - z_small_base`` (fp32)."""
+    return z_large.float() + alpha * z_diff.float()
+
+
+class LogitDiff(Protocol):
+    """``z_small_tuned - z_small_base``, incrementally (``prefill``/``step``) or for whole sequences."""
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor: ...
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor: ...
+
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor: ...
+
+
+class TwoSourceDiff:
+    """The difference of any two LogitSources (two models, two caches): the plain formulation."""
+
+    def __init__(self, tuned: LogitSource, base: LogitSource) -> None:
+        self.tuned, self.base = tuned, base
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.tuned.prefill(input_ids, attention_mask) - self.base.prefill(input_ids, attention_mask)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.tuned.step(tokens) - self.base.step(tokens)
+
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.tuned.score(input_ids, attention_mask) - self.base.score(input_ids, attention_mask)
+
+    def close(self) -> None:
+        for source in (self.tuned, self.base):
+            getattr(source, "close", lambda: None)()
 
 
 class ProxyTunedLM:
-    """The large LM steered by a (tuned, base) small pair; one KV cache per model."""
+    """The large LM steered by what tuning changed in the small LM; one KV cache per model.
 
-    def __init__(self, large: LogitSource, tuned: LogitSource, base: LogitSource, alpha: float) -> None:
-        self.large, self.tuned, self.base, self.alpha = large, tuned, base, alpha
+    ``diff`` is ``TwoSourceDiff(tuned, base)`` or, faster, ``MixedAdapterDiff(peft_model)``.
+    """
+
+    def __init__(self, large: LogitSource, diff: LogitDiff, alpha: float) -> None:
+        self.large, self.diff, self.alpha = large, diff, alpha
 
     def _combine(self, call: str, *args: torch.Tensor) -> torch.Tensor:
-        z_large = getattr(self.large, call)(*args)
+        z_large = getattr(self.large, call)(*args).float()
         if self.alpha == 0.0:  # exactly the large model (and no wasted small-model passes)
             return z_large
-        return proxy_logits(z_large, getattr(self.tuned, call)(*args), getattr(self.base, call)(*args), self.alpha)
+        return proxy_logits(z_large, getattr(self.diff, call)(*args), self.alpha)
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self._combine("prefill", input_ids, attention_mask)
@@ -44,8 +79,8 @@ class ProxyTunedLM:
         return self._combine("score", input_ids, attention_mask)
 
     def close(self) -> None:
-        for source in (self.large, self.tuned, self.base):
-            getattr(source, "close", lambda: None)()
+        for part in (self.large, self.diff):
+            getattr(part, "close", lambda: None)()
 
 
 @dataclass

@@ -44,15 +44,20 @@ def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
 
 
 def run(cfg: FedPTConfig, out_dir: Path, overwrite: bool = False, verbose: bool = False,
-        show_progress: bool = True) -> dict:
-    """``fedpt run``: all configured systems in one Flower simulation; returns the summary."""
+        show_progress: bool = True, resume: bool = False) -> dict:
+    """``fedpt run``: all configured systems in one Flower simulation; returns the summary.
+
+    With ``resume``, ``out_dir`` is an earlier run: each system continues after its last
+    checkpointed round (finished systems are skipped).
+    """
     from fedpt.federation.simulation import simulate
     from fedpt.progress import Progress
 
     histogram = preflight(cfg)
-    prepare_out_dir(out_dir, overwrite)
-    cfg.save(out_dir / "config.toml")
-    (out_dir / "partitions.json").write_text(json.dumps(histogram, indent=1))
+    if not resume:
+        prepare_out_dir(out_dir, overwrite)
+        cfg.save(out_dir / "config.toml")
+        (out_dir / "partitions.json").write_text(json.dumps(histogram, indent=1))
     progress = Progress(cfg.run.systems, cfg.federation.rounds, enabled=show_progress)
     start = time.perf_counter()
     try:

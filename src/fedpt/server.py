@@ -15,9 +15,9 @@ from fedpt.config import FedPTConfig
 from fedpt.data.prompts import format_prompt
 from fedpt.data.records import (Example, Splits, check_disjoint, load_eval_set, load_examples, source_name,
                                 split_examples)
-from fedpt.distill import DistillResult, distill, small_views
+from fedpt.distill import DistillResult, distill
 from fedpt.evaluate import EvalResult, evaluate_rouge
-from fedpt.models.logits import LocalLogitSource, LogitSource
+from fedpt.models.logits import LocalLogitSource, LogitSource, MixedAdapterDiff
 from fedpt.models.lora import attach_lora, get_adapter_state, set_adapter_state
 from fedpt.proxy import ProxyTunedLM
 
@@ -90,8 +90,8 @@ class ServerModels:
 
     def proxy_tune(self, alpha: float | None = None) -> ProxyTunedLM:
         """The proxy-tuned large LM for the small adapter currently loaded."""
-        tuned, base = small_views(self.small)
-        return ProxyTunedLM(self.large_logits(), tuned, base, self.cfg.proxy.alpha if alpha is None else alpha)
+        return ProxyTunedLM(self.large_logits(), MixedAdapterDiff(self.small),
+                            self.cfg.proxy.alpha if alpha is None else alpha)
 
     # -- step 5: distillation ---------------------------------------------------------------
 

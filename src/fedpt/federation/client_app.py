@@ -10,6 +10,7 @@ on that file; otherwise (simulation) it takes partition ``partition-id`` of
 
 from __future__ import annotations
 
+import resource
 import time
 from functools import lru_cache
 from typing import Any
@@ -50,6 +51,8 @@ def train(msg: Message, context: Context) -> Message:
         "train_last_loss": result.last_loss,
         "train_tokens": result.tokens,
         "train_seconds": time.perf_counter() - start,
+        # Peak resident memory of this device process so far (model + training), for cost tables.
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     })
     content = RecordDict({ARRAYS_KEY: state_to_arrays(get_adapter_state(model)), METRICS_KEY: metrics})
     return Message(content=content, reply_to=msg)

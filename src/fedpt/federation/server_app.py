@@ -12,6 +12,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedpt.checkpoint import load_checkpoint, save_checkpoint
 from fedpt.config import FedPTConfig, load_config
 from fedpt.federation.records import arrays_to_state, state_to_arrays, train_config
 from fedpt.federation.strategy import FedPTStrategy
@@ -29,15 +30,26 @@ def run_systems(grid: Grid, cfg: FedPTConfig, out_dir: Path | None,
     fed = cfg.federation
     for name in cfg.run.systems:
         spec = SYSTEM_SPECS[name]
+        folder = out_dir / name / "checkpoints" if out_dir else None
+        checkpoint = load_checkpoint(folder) if folder else None
+        done = checkpoint.round if checkpoint else 0
+        round_log.truncate(name, done)
+        if done >= fed.rounds:
+            continue  # finished in an earlier run
+        if progress is not None:
+            progress.skip(done)
         strategy = FedPTStrategy(
             server, spec, round_log, num_rounds=fed.rounds, eval_every=cfg.eval.every, progress=progress,
+            first_round=done,
+            on_round_end=(lambda rnd, arrays, folder=folder: save_checkpoint(folder, rnd, arrays_to_state(arrays)))
+            if folder else None,
             fraction_train=fed.clients_per_round / fed.num_clients, min_train_nodes=fed.clients_per_round,
             min_available_nodes=fed.num_clients, fraction_evaluate=0.0,  # evaluation is server-side
         )
+        initial = checkpoint.adapter if checkpoint else server.initial_adapter(spec.device_model)
         result = strategy.start(
-            grid=grid, initial_arrays=state_to_arrays(server.initial_adapter(spec.device_model)),
-            num_rounds=fed.rounds, timeout=fed.round_timeout, train_config=train_config(cfg, name),
-            evaluate_fn=strategy.evaluate,
+            grid=grid, initial_arrays=state_to_arrays(initial), num_rounds=fed.rounds - done,
+            timeout=fed.round_timeout, train_config=train_config(cfg, name), evaluate_fn=strategy.evaluate,
         )
         if out_dir is not None:
             server.load_adapter(spec.device_model, arrays_to_state(result.arrays))

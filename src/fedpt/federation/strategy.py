@@ -15,15 +15,14 @@ Baselines are the same strategy with switches from ``fedpt.systems``: ``fedavg-s
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedpt.distill import small_views
 from fedpt.errors import FedPTError
-from fedpt.federation.records import ARRAYS_KEY, arrays_to_state, state_to_arrays
+from fedpt.federation.records import ARRAYS_KEY, METRICS_KEY, arrays_to_state, state_to_arrays
 from fedpt.metrics import RoundLog, RoundRecord
 from fedpt.models.logits import LocalLogitSource, LogitSource
 from fedpt.progress import Progress
@@ -49,12 +48,18 @@ class FedPTStrategy(FedAvg):
         Evaluate at round 0, every ``eval_every`` rounds, and at the last round.
     progress : Progress, optional
         Told when a phase starts and a round ends (live display).
+    first_round : int
+        Rounds already completed (resuming from a checkpoint): Flower counts rounds from 1
+        again, this strategy reports and seeds them as ``first_round + n``.
+    on_round_end : callable, optional
+        ``(round, arrays)`` after each round's record is written (checkpointing).
     **fedavg_kwargs
         Passed to ``FedAvg`` (sampling fractions, minimum nodes).
     """
 
     def __init__(self, server: ServerModels, spec: SystemSpec, round_log: RoundLog, num_rounds: int,
-                 eval_every: int = 1, progress: Progress | None = None, **fedavg_kwargs) -> None:
+                 eval_every: int = 1, progress: Progress | None = None, first_round: int = 0,
+                 on_round_end: Callable[[int, ArrayRecord], None] | None = None, **fedavg_kwargs) -> None:
         super().__init__(**fedavg_kwargs)
         self.server = server
         self.spec = spec
@@ -62,6 +67,8 @@ class FedPTStrategy(FedAvg):
         self.num_rounds = num_rounds
         self.eval_every = eval_every
         self.progress = progress
+        self.first_round = first_round
+        self.on_round_end = on_round_end
         self._record = RoundRecord(round=0, system=spec.name)
         self._round_start = time.perf_counter()
 
@@ -69,6 +76,7 @@ class FedPTStrategy(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        server_round += self.first_round
         self._round_start = time.perf_counter()
         self._record = RoundRecord(round=server_round, system=self.spec.name)
         messages = list(super().configure_train(server_round, arrays, config, grid))
@@ -81,6 +89,7 @@ class FedPTStrategy(FedAvg):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.first_round
         replies = list(replies)
         arrays, metrics = super().aggregate_train(server_round, replies)  # step 3: FedAvg
         ok = [m for m in replies if not m.has_error()]
@@ -91,9 +100,11 @@ class FedPTStrategy(FedAvg):
             raise FedPTError(f"round {server_round}: no device returned an update ({reasons or 'no replies'})")
         sizes = [m.content[ARRAYS_KEY].count_bytes() for m in ok]
         record.bytes_up, record.bytes_up_per_device = sum(sizes), max(sizes)
-        if metrics is not None:
-            record.train_loss = float(metrics["train_loss"])
-            record.device_train_seconds = float(metrics["train_seconds"])
+        device_metrics = [m.content[METRICS_KEY] for m in ok]
+        record.train_loss = float(metrics["train_loss"]) if metrics is not None else None
+        record.device_train_seconds = sum(float(d["train_seconds"]) for d in device_metrics) / len(ok)
+        record.device_train_tokens = sum(float(d["train_tokens"]) for d in device_metrics) / len(ok)
+        record.device_peak_memory_bytes = max(int(d.get("peak_rss_bytes", 0)) for d in device_metrics)
         if self.spec.distill:
             arrays = self.proxy_tune_and_distill(server_round, arrays)
         return arrays, metrics
@@ -110,6 +121,9 @@ class FedPTStrategy(FedAvg):
     # -- server-side evaluation (Flower calls it at round 0 and after every round) -------------
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0 and self.first_round > 0:
+            return None  # resuming: round 0 was evaluated and recorded by the first run
+        server_round += self.first_round
         record = self._record if server_round > 0 else RoundRecord(round=0, system=self.spec.name)
         due = server_round == 0 or server_round % self.eval_every == 0 or server_round == self.num_rounds
         if due:
@@ -121,6 +135,8 @@ class FedPTStrategy(FedAvg):
         self.round_log.write(record)
         if self.progress is not None:
             self.progress.round_done(record)
+        if server_round > 0 and self.on_round_end is not None:
+            self.on_round_end(server_round, arrays)
         scores = {k: v for k, v in (("rougeL_small", record.rougeL_small), ("rougeL_proxy", record.rougeL_proxy),
                                     ("rougeL_large", record.rougeL_large)) if v is not None}
         return MetricRecord(scores) if scores else None
@@ -140,9 +156,11 @@ class FedPTStrategy(FedAvg):
         if spec.device_model == "large":
             record.rougeL_large = score("large", LocalLogitSource(server.large))
             return
-        record.rougeL_small = score("small", small_views(server.small)[0])
+        record.rougeL_small = score("small", LocalLogitSource(server.small))
         if spec.proxy:
-            record.rougeL_proxy = score("proxy" if server_round else "large", server.proxy_tune())
+            # Round 0: tuned == base exactly, so the proxy IS the large model; skip 2 of 3 forwards.
+            record.rougeL_proxy = (score("proxy", server.proxy_tune()) if server_round
+                                   else score("large", server.large_logits()))
 
     def _phase(self, server_round: int, phase: str) -> None:
         if self.progress is not None:

@@ -51,38 +51,77 @@ class LocalLogitSource:
         return nullcontext()
 
     @torch.inference_mode()
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra: Any) -> torch.Tensor:
         self.model.eval()
         # Left padding: positions count real tokens only, as HF generate() does.
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         with self._view():
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                             use_cache=True, logits_to_keep=1)
+                             use_cache=True, logits_to_keep=1, **extra)
         self._cache = out.cache
         self._mask = attention_mask
         self._next_pos = positions[:, -1] + 1
         return out.logits[:, -1].float()
 
     @torch.inference_mode()
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, **extra: Any) -> torch.Tensor:
         assert self._mask is not None and self._next_pos is not None, "step() before prefill()"
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(tokens), 1))], dim=1)
         with self._view():
             out = self.model(input_ids=tokens[:, None], attention_mask=self._mask,
-                             position_ids=self._next_pos[:, None], cache=self._cache, use_cache=True)
+                             position_ids=self._next_pos[:, None], cache=self._cache, use_cache=True, **extra)
         self._cache = out.cache
         self._next_pos = self._next_pos + 1
         return out.logits[:, -1].float()
 
     @torch.inference_mode()
-    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra: Any) -> torch.Tensor:
         self.model.eval()
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         with self._view():
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                             use_cache=False)
+                             use_cache=False, **extra)
         return out.logits.float()
 
     def close(self) -> None:
         """Drop the session's KV cache (it can hold hundreds of MB on real models)."""
         self._cache = self._mask = self._next_pos = None
+
+
+class MixedAdapterDiff:
+    """``z_tuned - z_base`` of one PeftModel from a single forward over a doubled batch.
+
+    Rows ``[0, B)`` run with the adapter, rows ``[B, 2B)`` without it (peft's mixed-adapter
+    batches, ``adapter_names=[...,"__base__"]``): one model call and one KV cache per token
+    instead of two, which is most of the proxy's overhead on a CPU. Batch-shape rounding can
+    differ from two separate calls in the last bits (bf16): compare with a tolerance.
+    """
+
+    BASE = "__base__"
+
+    def __init__(self, peft_model: Any, adapter: str = "default") -> None:
+        self.inner = LocalLogitSource(peft_model)
+        self.adapter = adapter
+        self._rows = 0
+
+    def _names(self, rows: int) -> list[str]:
+        return [self.adapter] * rows + [self.BASE] * rows
+
+    def _split(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits[: self._rows] - logits[self._rows:]
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        self._rows = len(input_ids)
+        return self._split(self.inner.prefill(torch.cat([input_ids, input_ids]), torch.cat([attention_mask] * 2),
+                                              adapter_names=self._names(self._rows)))
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._split(self.inner.step(torch.cat([tokens, tokens]), adapter_names=self._names(self._rows)))
+
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        self._rows = len(input_ids)
+        return self._split(self.inner.score(torch.cat([input_ids, input_ids]), torch.cat([attention_mask] * 2),
+                                            adapter_names=self._names(self._rows)))
+
+    def close(self) -> None:
+        self.inner.close()

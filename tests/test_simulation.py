@@ -43,6 +43,8 @@ def test_all_systems_two_rounds(finished_run, capsys):
     for system in summary["systems"]:
         assert (finished_run / system / "adapter" / "adapter_model.safetensors").is_file()
     assert "[run]" in (finished_run / "config.toml").read_text()
+    assert "| **total** |" in (finished_run / "partitions.md").read_text()
+    assert (finished_run / "partitions.png").stat().st_size > 5_000
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import os
 import sys
 import time
@@ -124,7 +125,8 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     if any(a < 0 for a in alphas):
         raise FedPTError(f"--alphas must be >= 0, got {args.alphas}")
     cfg = load_config(path=args.config, preset=args.preset, overrides=args.overrides)
-    path = run_experiment(cfg, args.out.resolve(), alphas, verbose=args.verbose, show_progress=not args.no_progress)
+    path = run_experiment(cfg, args.out.resolve(), alphas, verbose=args.verbose, show_progress=not args.no_progress,
+                          command="fedpt " + shlex.join(args.argv))
     print(f"results: {path}")
     return 0
 
@@ -162,6 +164,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_environment()
     commands = {"run": _cmd_run, "generate": _cmd_generate, "systems": _cmd_systems, "models": _cmd_models,
                 "experiment": _cmd_experiment}

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import shlex
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ ROLES = {"small": "tuned small", "proxy": "proxy-tuned large", "large": "tuned l
 
 
 def run_experiment(cfg: FedPTConfig, out_dir: Path, alphas: tuple[float, ...] = DEFAULT_ALPHAS,
-                   verbose: bool = False, show_progress: bool = True) -> Path:
+                   verbose: bool = False, show_progress: bool = True, command: str = "fedpt experiment") -> Path:
     from fedpt.runner import run
 
     cfg.run.systems = list(SYSTEMS)
@@ -45,7 +44,7 @@ def run_experiment(cfg: FedPTConfig, out_dir: Path, alphas: tuple[float, ...] = 
     costs = cost_table(cfg, records)
     plots = make_plots(out_dir, records, sweep)
     path = out_dir / "results.md"
-    path.write_text(results_markdown(cfg, summary, records, sweep, costs, plots))
+    path.write_text(results_markdown(cfg, summary, records, sweep, costs, plots, command))
     return path
 
 
@@ -157,11 +156,11 @@ def _first_set(records: list[RoundRecord]) -> str:
 
 
 def results_markdown(cfg: FedPTConfig, summary: dict, records: list[RoundRecord], sweep: dict,
-                     costs: list[dict], plots: list[str]) -> str:
+                     costs: list[dict], plots: list[str], command: str) -> str:
     from fedpt.runner import format_table
 
     lines = ["# FedPT experiment results", "",
-             f"Command: `fedpt {' '.join(shlex.quote(a) for a in sys.argv[1:])}`", "",
+             f"Command: `{command}`", "",
              f"Models: small `{cfg.model.small}`, large `{cfg.model.large}` ({cfg.model.dtype}); "
              f"{cfg.federation.num_clients} devices, {cfg.federation.clients_per_round} per round, "
              f"{cfg.federation.rounds} rounds; data `{cfg.data.source}` ({cfg.data.partitioner}"

@@ -57,7 +57,7 @@ def run(cfg: FedPTConfig, out_dir: Path, overwrite: bool = False, verbose: bool 
     if not resume:
         prepare_out_dir(out_dir, overwrite)
         cfg.save(out_dir / "config.toml")
-        (out_dir / "partitions.json").write_text(json.dumps(histogram, indent=1))
+        write_partition_report(out_dir, histogram)
     progress = Progress(cfg.run.systems, cfg.federation.rounds, enabled=show_progress)
     start = time.perf_counter()
     try:
@@ -66,6 +66,34 @@ def run(cfg: FedPTConfig, out_dir: Path, overwrite: bool = False, verbose: bool 
     finally:
         progress.close()
     return write_summary(out_dir, cfg, records, time.perf_counter() - start, memory.peak_bytes)
+
+
+def write_partition_report(out_dir: Path, histogram: dict[str, list[int]]) -> None:
+    """Per-client category histogram of the device data: JSON, a Markdown table and a plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (out_dir / "partitions.json").write_text(json.dumps(histogram, indent=1))
+    clients = len(next(iter(histogram.values()), []))
+    lines = ["| category | " + " | ".join(f"client {i}" for i in range(clients)) + " |",
+             "|---|" + "---|" * clients]
+    lines += [f"| {c} | " + " | ".join(str(n) for n in counts) + " |" for c, counts in histogram.items()]
+    lines.append("| **total** | " + " | ".join(str(sum(col)) for col in zip(*histogram.values())) + " |")
+    (out_dir / "partitions.md").write_text("\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(max(4, clients * 0.8 + 2), 4))
+    bottom = [0] * clients
+    for category, counts in histogram.items():
+        ax.bar(range(clients), counts, bottom=bottom, label=category)
+        bottom = [b + n for b, n in zip(bottom, counts)]
+    ax.set_xlabel("client")
+    ax.set_ylabel("examples")
+    ax.set_xticks(range(clients))
+    ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out_dir / "partitions.png", dpi=110)
+    plt.close(fig)
 
 
 def write_summary(out_dir: Path, cfg: FedPTConfig, records: list[RoundRecord], wall_seconds: float | None,

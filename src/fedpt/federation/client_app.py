@@ -76,7 +76,7 @@ def _partition(source: str, cfg_json: str, partition_id: int, num_partitions: in
     return partition_examples(load_splits(cfg).train, num_partitions, partition_id, cfg.data, cfg.data.split_seed)
 
 
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=1)  # one base model per device process: a real device holds one LM, not two
 def device_model(spec: str, dtype: str, rank: int, alpha: float, dropout: float,
                  targets: tuple[str, ...]) -> tuple[Any, Any]:
     """The device's base LM with a LoRA adapter, loaded once per process and reused every round.

@@ -34,10 +34,10 @@ def run_systems(grid: Grid, cfg: FedPTConfig, out_dir: Path | None,
         checkpoint = load_checkpoint(folder) if folder else None
         done = checkpoint.round if checkpoint else 0
         round_log.truncate(name, done)
+        if progress is not None and done:
+            progress.skip(min(done, fed.rounds))
         if done >= fed.rounds:
             continue  # finished in an earlier run
-        if progress is not None:
-            progress.skip(done)
         strategy = FedPTStrategy(
             server, spec, round_log, num_rounds=fed.rounds, eval_every=cfg.eval.every, progress=progress,
             first_round=done,

@@ -1,6 +1,9 @@
 """End to end: every system as a real Flower simulation (Ray actors as devices), then `fedpt generate`."""
 
 import json
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -56,3 +59,18 @@ def test_generate_alpha_zero_is_the_large_model(finished_run, capsys):
     assert capsys.readouterr().out == alpha0
     assert main(["generate", "--run", str(finished_run), "--alpha", "2", "Name a fruit."]) == 0
     assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.slow
+def test_flwr_run_uses_the_same_apps(tmp_path, fedpt_home):
+    """`flwr run .` (Flower's CLI, a SuperLink on loopback) drives the same ServerApp/ClientApp."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "flwr-out"
+    run_config = f'preset="tiny" systems="fedavg-pt" out="{out}" overwrite=true'
+    result = subprocess.run(["bash", str(root / "scripts" / "flwr-run-local.sh"), "3", run_config],
+                            capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home")})
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert [(r["system"], r["round"]) for r in rows] == [("fedavg-pt", 0), ("fedavg-pt", 1), ("fedavg-pt", 2)]
+    assert rows[-1]["clients"] == 3 and rows[-1]["rougeL_proxy"] is not None

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Run fedpt's ServerApp/ClientApp through Flower's own CLI (`flwr run .`) on this machine:
+# a SuperLink in simulation mode on loopback, started by hand so that Flower does not try to
+# install the app's dependencies into a fresh env (which would pull a CUDA torch), then stopped.
+#
+#   scripts/flwr-run-local.sh [NUM_SUPERNODES] [RUN_CONFIG]
+#   scripts/flwr-run-local.sh 3 'preset="tiny" systems="fedpt" out="/tmp/flwr-out" overwrite=true'
+#
+# NUM_SUPERNODES must equal the config's federation.num_clients.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NODES=${1:-3}
+RUN_CONFIG=${2:-'preset="tiny" systems="fedpt" out="runs/flwr" overwrite=true'}
+PORT=${FEDPT_SUPERLINK_PORT:-39091}
+export PATH="$PWD/.venv/bin:$PATH" FLWR_TELEMETRY_ENABLED=0
+export FLWR_HOME=${FLWR_HOME:-$(mktemp -d)}
+mkdir -p "$FLWR_HOME"
+cat > "$FLWR_HOME/config.toml" <<TOML
+[superlink]
+default = "local-sim"
+
+[superlink.local-sim]
+address = "127.0.0.1:$PORT"
+insecure = true
+TOML
+flower-superlink --insecure --simulation --disable-runtime-dependency-installation \
+    --host 127.0.0.1 --port "$PORT" > "$FLWR_HOME/superlink.log" 2>&1 &
+SUPERLINK=$!
+cleanup() {
+    kill "$SUPERLINK" 2>/dev/null || true
+    sleep 1
+    # The SuperLink starts these detached; they would outlive it.
+    pkill -f "flower-superexec" 2>/dev/null || true
+    pkill -f "flwr-simulation" 2>/dev/null || true
+}
+trap cleanup EXIT
+for _ in $(seq 60); do
+    grep -q "Uvicorn running" "$FLWR_HOME/superlink.log" 2>/dev/null && break
+    kill -0 "$SUPERLINK" 2>/dev/null || { cat "$FLWR_HOME/superlink.log" >&2; exit 1; }
+    sleep 0.5
+done
+sleep 1
+flwr run . local-sim --stream --federation-config "num-supernodes=$NODES client-resources-num-cpus=1" \
+    --run-config "$RUN_CONFIG"

@@ -6,6 +6,10 @@ import os
 
 import pytest
 
+# Small budgets for end-to-end runs of the tiny preset (seconds, not minutes).
+FAST = ["--set", "data.eval_size=8", "--set", "data.kd_pool_size=8", "--set", "eval.max_new_tokens=8",
+        "--set", "distill.max_new_tokens=8", "--set", "train.steps=2", "--set", "distill.steps=2"]
+
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

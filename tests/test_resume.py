@@ -10,9 +10,9 @@ from fedpt.checkpoint import load_checkpoint, save_checkpoint
 from fedpt.cli import main
 from fedpt.errors import FedPTError
 
-FAST = ["--set", "data.eval_size=8", "--set", "data.kd_pool_size=8", "--set", "eval.max_new_tokens=8",
-        "--set", "distill.max_new_tokens=8", "--set", "train.steps=2", "--set", "distill.steps=2",
-        "--set", "run.systems=['fedpt']", "--set", "federation.rounds=3"]
+from .conftest import FAST as FAST_TINY
+
+FAST = [*FAST_TINY, "--set", "run.systems=['fedpt']", "--set", "federation.rounds=3"]
 
 
 def test_checkpoint_round_trip_and_corruption(tmp_path):

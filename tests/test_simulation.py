@@ -9,8 +9,8 @@ import pytest
 
 from fedpt.cli import main
 
-FAST = ["--set", "data.eval_size=8", "--set", "data.kd_pool_size=8", "--set", "eval.max_new_tokens=8",
-        "--set", "distill.max_new_tokens=8", "--set", "train.steps=2", "--set", "distill.steps=2"]
+from .conftest import FAST
+
 
 
 @pytest.fixture(scope="module")

@@ -58,3 +58,18 @@ def test_sft_labels_mask_the_prompt(tiny_pair):
     n_prompt = len(tokenizer("### Instruction:\nSay hi\n\n### Response:\n")["input_ids"])
     assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
     assert labels[n_prompt:] == ids[n_prompt:] and ids[-1] == tokenizer.eos_token_id
+
+
+def test_csv_with_field_mapping(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("question,answer,topic\nWhat is 2+2?,4,math\n\"Name a colour\",red,art\n")
+    examples = load_examples(str(path), ["instruction=question", "response=answer", "category=topic"])
+    assert [(e.instruction, e.response, e.category) for e in examples] == [
+        ("What is 2+2?", "4", "math"), ("Name a colour", "red", "art")]
+    with pytest.raises(FedPTError, match=rf"{path}:2: missing or empty 'instruction'"):
+        load_examples(str(path))  # without the mapping the columns are unknown
+    path.write_text("question,answer\nok,fine\nbad,row,extra\n")
+    with pytest.raises(FedPTError, match=rf"{path}:3: more cells"):
+        load_examples(str(path), ["instruction=question", "response=answer"])
+    with pytest.raises(FedPTError, match="data.fields entry 'prompt=question'"):
+        load_examples(str(path), ["prompt=question"])

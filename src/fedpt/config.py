@@ -66,6 +66,7 @@ class DataConfig:
     eval_size: int = 16  # held-out split of `source` (always evaluated, named after the source)
     eval_sets: list[str] = field(default_factory=list)  # extra evaluation-only sources
     eval_sets_size: int = 0  # cap per extra set (0 = all of it)
+    fields: list[str] = field(default_factory=list)  # column mapping for user files, e.g. ["response=answer"]
     kd_pool_size: int = 32
     split_seed: int = 1234
     partitioner: str = "dirichlet"  # iid | dirichlet (over the `category` field)
@@ -78,6 +79,9 @@ class DataConfig:
         _check_positive("data.eval_size", self.eval_size)
         _check_positive("data.kd_pool_size", self.kd_pool_size)
         _check_range("data.eval_sets_size", self.eval_sets_size, 0, 10**9)
+        from fedpt.data.records import parse_field_map
+
+        parse_field_map(self.fields)
         _check_choice("data.partitioner", self.partitioner, ("iid", "dirichlet"))
         _check_positive("data.dirichlet_alpha", self.dirichlet_alpha)
         _check_choice("data.template", self.template, ("alpaca", "chat"))

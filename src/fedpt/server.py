@@ -23,7 +23,7 @@ from fedpt.proxy import ProxyTunedLM
 
 
 def load_splits(cfg: FedPTConfig) -> Splits:
-    return split_examples(load_examples(cfg.data.source), cfg.data.eval_size, cfg.data.kd_pool_size,
+    return split_examples(load_examples(cfg.data.source, cfg.data.fields), cfg.data.eval_size, cfg.data.kd_pool_size,
                           cfg.data.split_seed)
 
 
@@ -33,7 +33,7 @@ def load_eval_sets(cfg: FedPTConfig, splits: Splits) -> dict[str, list[Example]]
     Each extra set is checked to share no prompt with device data or the KD pool.
     """
     sets = {source_name(cfg.data.source): splits.eval}
-    extra = {source_name(src): load_eval_set(src, cfg.data.eval_sets_size, cfg.data.split_seed)
+    extra = {source_name(src): load_eval_set(src, cfg.data.eval_sets_size, cfg.data.split_seed, cfg.data.fields)
              for src in cfg.data.eval_sets}
     check_disjoint(splits, extra)
     return sets | extra

@@ -7,6 +7,7 @@ Knows a tokenizer at most; no model, no Flower.
 
 from __future__ import annotations
 
+import csv
 import gzip
 import json
 import random
@@ -62,29 +63,62 @@ def resolve_source(source: str) -> Path:
     return path
 
 
-def load_examples(source: str) -> list[Example]:
-    """Read every record; any broken line is an error naming the file and the line."""
+def parse_field_map(pairs: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """``["instruction=question", "response=answer"]`` -> {our field: the file's column}."""
+    mapping = {}
+    for pair in pairs:
+        ours, sep, theirs = pair.partition("=")
+        if not sep or ours not in FIELDS or not theirs:
+            raise FedPTError(f"data.fields entry '{pair}' must be <field>=<column> with <field> one of "
+                             f"{', '.join(FIELDS)}")
+        mapping[ours] = theirs
+    return mapping
+
+
+FIELDS = ("instruction", "context", "response", "category", "references")
+
+
+def load_examples(source: str, fields: list[str] | tuple[str, ...] = ()) -> list[Example]:
+    """Read every record of a JSONL (.jsonl, .jsonl.gz) or CSV file; a broken record is an error
+    naming the file and the line. ``fields`` renames the file's columns (``data.fields``)."""
     path = resolve_source(source)
-    examples = []
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            examples.append(_parse_line(line, path, line_no))
+    mapping = parse_field_map(fields)
+    examples = [_to_example(_renamed(raw, mapping), f"{path}:{line_no}") for line_no, raw in _raw_records(path)]
     if not examples:
         raise FedPTError(f"{path} holds no records")
     return examples
 
 
-def _parse_line(line: str, path: Path, line_no: int) -> Example:
-    where = f"{path}:{line_no}"
-    try:
-        raw = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise FedPTError(f"{where}: not valid JSON ({err.msg}); fix or remove the line") from None
-    if not isinstance(raw, dict):
-        raise FedPTError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+def _renamed(raw: dict, mapping: dict[str, str]) -> dict:
+    """The record with our field names added from the mapped columns."""
+    return {**raw, **{ours: raw[theirs] for ours, theirs in mapping.items() if theirs in raw}}
+
+
+def _raw_records(path: Path):
+    """(line number, dict) per record."""
+    if path.suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            for row in reader:
+                if None in row:  # more cells than header columns
+                    raise FedPTError(f"{path}:{reader.line_num}: more cells than the header has columns")
+                yield reader.line_num, row
+        return
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise FedPTError(f"{path}:{line_no}: not valid JSON ({err.msg}); fix or remove the line") from None
+            if not isinstance(raw, dict):
+                raise FedPTError(f"{path}:{line_no}: expected a JSON object, got {type(raw).__name__}")
+            yield line_no, raw
+
+
+def _to_example(raw: dict, where: str) -> Example:
     instruction = raw.get("instruction")
     response = raw.get("response", raw.get("output"))
     context = raw.get("context", raw.get("input", "")) or ""
@@ -132,9 +166,9 @@ def source_name(source: str) -> str:
     return source.removeprefix("builtin:") if source.startswith("builtin:") else Path(source).name.split(".")[0]
 
 
-def load_eval_set(source: str, size: int, seed: int) -> list[Example]:
+def load_eval_set(source: str, size: int, seed: int, fields: list[str] | tuple[str, ...] = ()) -> list[Example]:
     """An evaluation-only source, capped at ``size`` records (0 = all), stratified by category."""
-    examples = list({ex.key: ex for ex in load_examples(source)}.values())
+    examples = list({ex.key: ex for ex in load_examples(source, fields)}.values())
     if size and size < len(examples):
         random.Random(seed).shuffle(examples)
         examples = _stratified_take(examples, size)

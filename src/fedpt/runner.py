@@ -99,6 +99,7 @@ def write_partition_report(out_dir: Path, histogram: dict[str, list[int]]) -> No
 def write_summary(out_dir: Path, cfg: FedPTConfig, records: list[RoundRecord], wall_seconds: float | None,
                   peak_memory_bytes: int | None) -> dict:
     from fedpt.evaluate import protocol_name
+    from fedpt.server import load_eval_sets, load_splits
 
     systems = {}
     for name in cfg.run.systems:
@@ -115,6 +116,8 @@ def write_summary(out_dir: Path, cfg: FedPTConfig, records: list[RoundRecord], w
         "systems": systems,
         "rounds": cfg.federation.rounds,
         "eval_protocol": protocol_name(cfg.eval),
+        "prompt_template": cfg.data.template,
+        "eval_sets": {name: len(examples) for name, examples in load_eval_sets(cfg, load_splits(cfg)).items()},
         "wall_seconds": wall_seconds,
         "peak_memory_bytes": peak_memory_bytes,
     }

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flwr.app import Context
+from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedpt.checkpoint import load_checkpoint, save_checkpoint
@@ -36,25 +36,32 @@ def run_systems(grid: Grid, cfg: FedPTConfig, out_dir: Path | None,
         round_log.truncate(name, done)
         if progress is not None and done:
             progress.skip(min(done, fed.rounds))
-        if done >= fed.rounds:
-            continue  # finished in an earlier run
-        strategy = FedPTStrategy(
-            server, spec, round_log, num_rounds=fed.rounds, eval_every=cfg.eval.every, progress=progress,
-            first_round=done,
-            on_round_end=(lambda rnd, arrays, folder=folder: save_checkpoint(folder, rnd, arrays_to_state(arrays)))
-            if folder else None,
-            fraction_train=fed.clients_per_round / fed.num_clients, min_train_nodes=fed.clients_per_round,
-            min_available_nodes=fed.num_clients, fraction_evaluate=0.0,  # evaluation is server-side
-        )
-        initial = checkpoint.adapter if checkpoint else server.initial_adapter(spec.device_model)
-        result = strategy.start(
-            grid=grid, initial_arrays=state_to_arrays(initial), num_rounds=fed.rounds - done,
-            timeout=fed.round_timeout, train_config=train_config(cfg, name), evaluate_fn=strategy.evaluate,
-        )
-        if out_dir is not None:
-            server.load_adapter(spec.device_model, arrays_to_state(result.arrays))
+        if done >= fed.rounds:  # finished in an earlier run
+            final = checkpoint.adapter
+        else:
+            strategy = FedPTStrategy(
+                server, spec, round_log, num_rounds=fed.rounds, eval_every=cfg.eval.every, progress=progress,
+                first_round=done, on_round_end=_checkpointer(folder) if folder else None,
+                fraction_train=fed.clients_per_round / fed.num_clients, min_train_nodes=fed.clients_per_round,
+                min_available_nodes=fed.num_clients, fraction_evaluate=0.0,  # evaluation is server-side
+            )
+            initial = checkpoint.adapter if checkpoint else server.initial_adapter(spec.device_model)
+            result = strategy.start(
+                grid=grid, initial_arrays=state_to_arrays(initial), num_rounds=fed.rounds - done,
+                timeout=fed.round_timeout, train_config=train_config(cfg, name), evaluate_fn=strategy.evaluate,
+            )
+            final = arrays_to_state(result.arrays)
+        if out_dir is not None:  # the final adapter in peft's format (also rewritten when resuming)
+            server.load_adapter(spec.device_model, final)
             server.model(spec.device_model).save_pretrained(out_dir / name / "adapter")
     return round_log.records
+
+
+def _checkpointer(folder: Path):
+    """Save the global adapter after every round (``FedPTStrategy.on_round_end``)."""
+    def save(server_round: int, arrays: ArrayRecord) -> None:
+        save_checkpoint(folder, server_round, arrays_to_state(arrays))
+    return save
 
 
 app = ServerApp()

@@ -73,3 +73,20 @@ def test_csv_with_field_mapping(tmp_path):
         load_examples(str(path), ["instruction=question", "response=answer"])
     with pytest.raises(FedPTError, match="data.fields entry 'prompt=question'"):
         load_examples(str(path), ["prompt=question"])
+
+
+def test_extra_eval_sets_must_not_overlap_device_data_or_kd_pool(tmp_path):
+    from fedpt.config import load_config
+    from fedpt.server import load_eval_sets, load_splits
+
+    cfg = load_config(preset="tiny")
+    splits = load_splits(cfg)
+    leaked = tmp_path / "leak.jsonl"
+    ex = splits.kd_pool[0]
+    leaked.write_text(json.dumps({"instruction": ex.instruction, "context": ex.context, "response": "x"}) + "\n")
+    cfg.data.eval_sets = [str(leaked)]
+    with pytest.raises(FedPTError, match="KD pool and eval set leak share 1"):
+        load_eval_sets(cfg, splits)
+    real = load_config(preset="qwen-cpu")  # the default job's sets: disjoint by construction, checked here
+    sets = load_eval_sets(real, load_splits(real))
+    assert list(sets) == ["dolly-15k", "self-instruct", "sni"] and all(len(v) == 8 for v in sets.values())

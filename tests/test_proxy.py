@@ -23,8 +23,8 @@ class FixedLogits:
     def step(self, tokens):
         return self.logits
 
-    def score(self, input_ids, attention_mask):
-        return self.logits[:, None, :].expand(-1, input_ids.shape[1], -1)
+    def score(self, input_ids, attention_mask, keep_last=0):
+        return self.logits[:, None, :].expand(-1, keep_last or input_ids.shape[1], -1)
 
 
 def test_proxy_logits_match_hand_computation():
@@ -105,3 +105,14 @@ def test_mixed_adapter_batch_matches_two_separate_models(tiny_pair, tiny_cfg):
     torch.testing.assert_close(mixed.step(tokens), plain.step(tokens), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(mixed.score(ids, mask), plain.score(ids, mask), rtol=1e-4, atol=1e-4)
     assert mixed.prefill(ids, mask).abs().max() > 0.1  # a real difference, not zeros on both sides
+
+
+def test_score_keep_last_is_the_tail_of_full_scoring(tiny_pair, tiny_cfg):
+    tokenizer, small, large = tiny_pair
+    peft = attach_lora(copy.deepcopy(small), tiny_cfg.lora, seed=0)
+    proxy = ProxyTunedLM(LocalLogitSource(large), MixedAdapterDiff(peft), alpha=1.0)
+    ids, mask = encode_prompts_left(tokenizer, PROMPTS, 64)
+    full = proxy.score(ids, mask)
+    torch.testing.assert_close(proxy.score(ids, mask, keep_last=5), full[:, -5:], rtol=1e-5, atol=1e-5)
+    # the incremental path agrees with whole-sequence scoring at the last position
+    torch.testing.assert_close(proxy.prefill(ids, mask), full[:, -1], rtol=1e-4, atol=1e-4)

@@ -23,16 +23,16 @@ import torch
 import torch.nn.functional as F
 
 from fedpt.config import DataConfig, DistillConfig
-from fedpt.data.prompts import IGNORE_INDEX, collate_right, encode_prompt
-from fedpt.models.logits import LogitSource
+from fedpt.data.prompts import IGNORE_INDEX, collate, encode_prompt
+from fedpt.models.logits import LogitSource, positions_from_mask
 from fedpt.proxy import Decoding, generate_ids
 
 
 @dataclass
 class KDBatch:
-    input_ids: torch.Tensor  # (B, T) right-padded prompt + teacher response
+    input_ids: torch.Tensor  # (B, T) left-padded prompt + teacher response
     attention_mask: torch.Tensor  # (B, T)
-    select: torch.Tensor  # (B, T) bool: positions whose *next* token is a response token
+    select: torch.Tensor  # (B, K) bool over the last K positions: those whose *next* token is a response token
     targets: torch.Tensor  # (N,) the teacher's tokens at those positions
     teacher_logprobs: torch.Tensor  # (N, V) log p_teacher at temperature T (bf16 for big vocabularies)
 
@@ -54,22 +54,26 @@ def build_kd_batches(
     """Score teacher sequences once and keep only what the loss needs (response positions)."""
     batches = []
     for start in range(0, len(prompts), cfg.batch_size):
-        rows = []
+        rows, longest = [], 0
         for prompt, response in zip(prompts[start: start + cfg.batch_size], responses[start: start + cfg.batch_size]):
             # A response shorter than the budget ended on EOS, which the student must learn too.
             text_ids = response if len(response) >= cfg.max_new_tokens else response + [tokenizer.eos_token_id]
             prompt_ids = encode_prompt(tokenizer, prompt, data_cfg.max_prompt_tokens)
             rows.append((prompt_ids + text_ids, [IGNORE_INDEX] * len(prompt_ids) + text_ids))
-        batch = collate_right(rows, tokenizer.pad_token_id)
-        labels = batch["labels"]
-        select = torch.zeros_like(labels, dtype=torch.bool)
-        select[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # logits at t predict token t+1
+            longest = max(longest, len(text_ids))
+        # Left padding puts every response in the last columns: only the last K positions need
+        # logits (K = longest response + 1), not all T of them over a 150k-token vocabulary.
+        batch = collate(rows, tokenizer.pad_token_id, left=True)
+        next_labels = torch.full_like(batch["labels"], IGNORE_INDEX)
+        next_labels[:, :-1] = batch["labels"][:, 1:]  # logits at t predict token t+1
+        keep = min(longest + 1, next_labels.shape[1])
+        select = next_labels[:, -keep:] != IGNORE_INDEX
+        targets = next_labels[:, -keep:][select]
         # clone(): score() runs in inference mode, and autograd may not save inference tensors.
-        logits = teacher.score(batch["input_ids"], batch["attention_mask"])[select].clone()  # (N, V)
+        logits = teacher.score(batch["input_ids"], batch["attention_mask"], keep_last=keep)[select].clone()  # (N, V)
         logprobs = F.log_softmax(logits / cfg.temperature, dim=-1)
         store = torch.bfloat16 if logprobs.shape[-1] > 65536 else torch.float32  # memory on real vocabularies
-        batches.append(KDBatch(batch["input_ids"], batch["attention_mask"], select,
-                               labels[:, 1:][select[:, :-1]], logprobs.to(store)))
+        batches.append(KDBatch(batch["input_ids"], batch["attention_mask"], select, targets, logprobs.to(store)))
     return batches
 
 
@@ -85,7 +89,9 @@ def kd_loss(student_logits: torch.Tensor, batch: KDBatch, temperature: float, ce
 
 
 def _student_logits(student: Any, batch: KDBatch) -> torch.Tensor:
-    out = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    out = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                  position_ids=positions_from_mask(batch.attention_mask), use_cache=False,
+                  logits_to_keep=batch.select.shape[1])
     return out.logits[batch.select]  # (N, V)
 
 

@@ -31,7 +31,7 @@ class LogitDiff(Protocol):
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor: ...
 
-    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor: ...
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_last: int = 0) -> torch.Tensor: ...
 
 
 class TwoSourceDiff:
@@ -46,8 +46,9 @@ class TwoSourceDiff:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.tuned.step(tokens) - self.base.step(tokens)
 
-    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.tuned.score(input_ids, attention_mask) - self.base.score(input_ids, attention_mask)
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_last: int = 0) -> torch.Tensor:
+        return (self.tuned.score(input_ids, attention_mask, keep_last)
+                - self.base.score(input_ids, attention_mask, keep_last))
 
     def close(self) -> None:
         for source in (self.tuned, self.base):
@@ -63,7 +64,7 @@ class ProxyTunedLM:
     def __init__(self, large: LogitSource, diff: LogitDiff, alpha: float) -> None:
         self.large, self.diff, self.alpha = large, diff, alpha
 
-    def _combine(self, call: str, *args: torch.Tensor) -> torch.Tensor:
+    def _combine(self, call: str, *args: torch.Tensor | int) -> torch.Tensor:
         z_large = getattr(self.large, call)(*args).float()
         if self.alpha == 0.0:  # exactly the large model (and no wasted small-model passes)
             return z_large
@@ -75,8 +76,8 @@ class ProxyTunedLM:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         return self._combine("step", tokens)
 
-    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self._combine("score", input_ids, attention_mask)
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_last: int = 0) -> torch.Tensor:
+        return self._combine("score", input_ids, attention_mask, keep_last)
 
     def close(self) -> None:
         for part in (self.large, self.diff):

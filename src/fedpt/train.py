@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from fedpt.config import DataConfig, TrainConfig
-from fedpt.data.prompts import collate_right, encode_sft, format_prompt
+from fedpt.data.prompts import collate, encode_sft, format_prompt
 from fedpt.data.records import Example
 from fedpt.errors import FedPTError
 
@@ -54,7 +54,7 @@ def local_tune(
             rng.shuffle(epoch)
             order += epoch
         batch_rows, order = [rows[i] for i in order[: cfg.batch_size]], order[cfg.batch_size:]
-        batch = collate_right(batch_rows, tokenizer.pad_token_id)
+        batch = collate(batch_rows, tokenizer.pad_token_id)
         loss = model(**batch).loss  # HF shifts labels and skips IGNORE_INDEX
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)

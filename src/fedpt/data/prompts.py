@@ -54,8 +54,12 @@ def encode_sft(
     return input_ids, labels
 
 
-def collate_right(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, "torch.Tensor"]:
-    """Right-padded training batch: input_ids, attention_mask, labels (B, T)."""
+def collate(rows: list[tuple[list[int], list[int]]], pad_id: int, left: bool = False) -> dict[str, "torch.Tensor"]:
+    """Padded batch (B, T) of input_ids, attention_mask, labels.
+
+    Right padding for training; left padding (``left=True``) ends every row in the last
+    column, so that responses line up at the end (distillation scores only those columns).
+    """
     import torch
 
     width = max(len(ids) for ids, _ in rows)
@@ -63,9 +67,10 @@ def collate_right(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, (ids, labs) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, : len(labs)] = torch.tensor(labs)
-        mask[i, : len(ids)] = 1
+        span = slice(width - len(ids), width) if left else slice(0, len(ids))
+        input_ids[i, span] = torch.tensor(ids, dtype=torch.long)
+        labels[i, span] = torch.tensor(labs, dtype=torch.long)
+        mask[i, span] = 1
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 

@@ -26,9 +26,16 @@ class LogitSource(Protocol):
         """Append one token per row (B,) to the session; return fp32 logits (B, V) for the next one."""
         ...
 
-    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """fp32 logits (B, T, V) at every position of whole sequences (no session)."""
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_last: int = 0) -> torch.Tensor:
+        """fp32 logits (B, T, V) at every position of whole sequences (no session); with
+        ``keep_last=K`` only the last K positions (B, K, V): on left-padded batches that is where
+        the responses are, and it spares the (B, T, V) tensor a 150k-token vocabulary makes."""
         ...
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count real tokens only, as HF generate() does: left padding safe."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
 class LocalLogitSource:
@@ -53,8 +60,7 @@ class LocalLogitSource:
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra: Any) -> torch.Tensor:
         self.model.eval()
-        # Left padding: positions count real tokens only, as HF generate() does.
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        positions = positions_from_mask(attention_mask)
         with self._view():
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                              use_cache=True, logits_to_keep=1, **extra)
@@ -75,12 +81,13 @@ class LocalLogitSource:
         return out.logits[:, -1].float()
 
     @torch.inference_mode()
-    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra: Any) -> torch.Tensor:
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_last: int = 0,
+              **extra: Any) -> torch.Tensor:
         self.model.eval()
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         with self._view():
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                             use_cache=False, **extra)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                             position_ids=positions_from_mask(attention_mask), use_cache=False,
+                             logits_to_keep=keep_last, **extra)
         return out.logits.float()
 
     def close(self) -> None:
@@ -118,10 +125,10 @@ class MixedAdapterDiff:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         return self._split(self.inner.step(torch.cat([tokens, tokens]), adapter_names=self._names(self._rows)))
 
-    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_last: int = 0) -> torch.Tensor:
         self._rows = len(input_ids)
         return self._split(self.inner.score(torch.cat([input_ids, input_ids]), torch.cat([attention_mask] * 2),
-                                            adapter_names=self._names(self._rows)))
+                                            keep_last, adapter_names=self._names(self._rows)))
 
     def close(self) -> None:
         self.inner.close()

@@ -1,4 +1,5 @@
 import numpy as np
+import torch
 import pytest
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
@@ -33,6 +34,7 @@ def _strategy(system: str = "fedavg-small") -> FedPTStrategy:
 
 def test_fedavg_weights_adapters_by_examples():
     strategy = _strategy()
+    _broadcast(strategy)
     replies = [_reply(1.0, 10, 2.0), _reply(4.0, 30, 1.0)]
     arrays, metrics = strategy.aggregate_train(1, replies)
     (mean,) = arrays.to_numpy_ndarrays()
@@ -43,5 +45,58 @@ def test_fedavg_weights_adapters_by_examples():
 
 
 def test_round_with_no_updates_fails_with_the_reason():
-    with pytest.raises(FedPTError, match="round 1: no device returned an update"):
+    with pytest.raises(FedPTError, match=r"round 1: 0 valid update\(s\), 1 needed \(no replies\)"):
         _strategy().aggregate_train(1, [])
+
+
+def _broadcast(strategy, value=0.0):
+    strategy._broadcast = {"0": torch.full((2, 3), value)}
+    strategy._sent = 0
+
+
+def test_poisoned_and_malformed_updates_are_rejected_with_reasons():
+    strategy = _strategy()
+    strategy.max_update_norm = 20.0
+    _broadcast(strategy)
+    nan = _reply(float("nan"), 10, 1.0)
+    huge = _reply(100.0, 10, 1.0)  # distance sqrt(6) * 100 = 245 > 20
+    wrong_shape = Message(content=RecordDict({
+        "arrays": ArrayRecord([np.zeros((3, 3), dtype=np.float32)]),
+        "metrics": MetricRecord({"num-examples": 5, "train_loss": 1.0, "train_seconds": 1.0, "train_tokens": 1}),
+    }), dst_node_id=0, message_type="train")
+    wrong_dtype = Message(content=RecordDict({
+        "arrays": ArrayRecord([np.zeros((2, 3), dtype=np.float64)]),
+        "metrics": MetricRecord({"num-examples": 5, "train_loss": 1.0, "train_seconds": 1.0, "train_tokens": 1}),
+    }), dst_node_id=0, message_type="train")
+    honest = [_reply(1.0, 10, 2.0), _reply(2.0, 10, 2.0)]
+    arrays, _ = strategy.aggregate_train(1, [nan, *honest, huge, wrong_shape, wrong_dtype])
+    np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], np.full((2, 3), 1.5))  # honest mean only
+    record = strategy._record
+    assert record.clients == 2 and record.failures == 4
+    reasons = " | ".join(record.problems)
+    for expected in ("NaN or Inf", "exceeds federation.max_update_norm=20.0", "(3, 3), expected",
+                     "torch.float64(2, 3), expected torch.float32"):
+        assert expected in reasons
+
+
+def test_robust_aggregators_resist_one_poisoned_device():
+    from fedpt.config import load_config
+    from fedpt.federation.server_app import make_aggregator
+
+    for name in ("median", "trimmed-mean", "krum"):
+        cfg = load_config(preset="tiny", overrides=[f"federation.aggregation='{name}'", "federation.trim_beta=0.2",
+                                                    "federation.krum_malicious=1"])
+        strategy = FedPTStrategy(server=None, spec=SYSTEM_SPECS["fedavg-small"], round_log=RoundLog(None),
+                                 num_rounds=1, fraction_evaluate=0.0, aggregator=make_aggregator(cfg))
+        _broadcast(strategy)
+        replies = [_reply(v, 10, 1.0) for v in (1.0, 1.1, 0.9, 1.05, 50.0)]  # last one poisoned, finite
+        arrays, _ = strategy.aggregate_train(1, replies)
+        assert np.abs(arrays.to_numpy_ndarrays()[0] - 1.0).max() < 0.2, name
+
+
+def test_too_few_valid_updates_fail_the_round():
+    strategy = _strategy()
+    strategy.min_results = 2
+    _broadcast(strategy)
+    with pytest.raises(FedPTError, match="round 1: 1 valid update"):
+        strategy.aggregate_train(1, [_reply(1.0, 10, 1.0), _reply(float("inf"), 10, 1.0)])

@@ -23,6 +23,7 @@ from fedpt.errors import FedPTError
 DEFAULT_PRESET = "qwen-cpu"  # the real pair; `tiny` is for tests and quick looks
 SYSTEMS = ("fedpt", "fedavg-small", "fedavg-large", "fedavg-pt")
 DTYPES = ("float32", "bfloat16", "float16")
+AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "krum")
 
 
 @dataclass
@@ -101,13 +102,25 @@ class FederationConfig:
     clients_per_round: int = 3
     rounds: int = 2
     client_cpus: float = 1.0  # Ray CPUs per simulated device: 2 cores -> 2 devices at once
-    round_timeout: float = 3600.0  # seconds to wait for device replies
+    round_timeout: float = 3600.0  # seconds to wait for device replies; late ones are dropped
+    min_results: int = 1  # a round with fewer valid updates fails (the last checkpoint stays valid)
+    aggregation: str = "fedavg"  # fedavg | median | trimmed-mean | krum (Flower's robust strategies)
+    trim_beta: float = 0.2  # trimmed-mean: fraction cut at each end
+    krum_malicious: int = 0  # krum: assumed number of malicious devices
+    max_update_norm: float = 0.0  # reject an update whose L2 distance to the broadcast exceeds this (0 = off)
 
     def validate(self) -> None:
         _check_positive("federation.num_clients", self.num_clients)
         _check_positive("federation.rounds", self.rounds)
         _check_positive("federation.client_cpus", self.client_cpus)
         _check_positive("federation.round_timeout", self.round_timeout)
+        _check_choice("federation.aggregation", self.aggregation, AGGREGATIONS)
+        _check_range("federation.trim_beta", self.trim_beta, 0.0, 0.5, hi_open=True)
+        _check_range("federation.krum_malicious", self.krum_malicious, 0, 10**6)
+        _check_range("federation.max_update_norm", self.max_update_norm, 0.0, float("inf"))
+        if not 1 <= self.min_results <= self.clients_per_round:
+            raise FedPTError(f"federation.min_results must be between 1 and clients_per_round "
+                             f"({self.clients_per_round}), got {self.min_results}")
         if not 1 <= self.clients_per_round <= self.num_clients:
             raise FedPTError(
                 f"federation.clients_per_round must be between 1 and num_clients "

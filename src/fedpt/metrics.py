@@ -26,7 +26,8 @@ class RoundRecord:
     # this has every set: {set name: {"small" | "proxy" | "large": Rouge-L}}.
     rougeL_sets: dict[str, dict[str, float]] = field(default_factory=dict)
     clients: int = 0  # replies aggregated
-    failures: int = 0  # replies that carried an error
+    failures: int = 0  # replies not aggregated: device errors/timeouts and rejected updates
+    problems: list[str] = field(default_factory=list)  # why, per device
     bytes_down: int = 0  # server -> devices, all devices
     bytes_up: int = 0  # devices -> server, all devices
     bytes_down_per_device: int = 0

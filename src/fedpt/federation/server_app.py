@@ -11,6 +11,7 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, Krum, Strategy
 
 from fedpt.checkpoint import load_checkpoint, save_checkpoint
 from fedpt.config import FedPTConfig, load_config
@@ -42,6 +43,7 @@ def run_systems(grid: Grid, cfg: FedPTConfig, out_dir: Path | None,
             strategy = FedPTStrategy(
                 server, spec, round_log, num_rounds=fed.rounds, eval_every=cfg.eval.every, progress=progress,
                 first_round=done, on_round_end=_checkpointer(folder) if folder else None,
+                aggregator=make_aggregator(cfg), max_update_norm=fed.max_update_norm, min_results=fed.min_results,
                 fraction_train=fed.clients_per_round / fed.num_clients, min_train_nodes=fed.clients_per_round,
                 min_available_nodes=fed.num_clients, fraction_evaluate=0.0,  # evaluation is server-side
             )
@@ -55,6 +57,18 @@ def run_systems(grid: Grid, cfg: FedPTConfig, out_dir: Path | None,
             server.load_adapter(spec.device_model, final)
             server.model(spec.device_model).save_pretrained(out_dir / name / "adapter")
     return round_log.records
+
+
+def make_aggregator(cfg: FedPTConfig) -> Strategy | None:
+    """Flower's robust aggregation by name (None: plain FedAvg, the strategy's own)."""
+    fed = cfg.federation
+    if fed.aggregation == "median":
+        return FedMedian()
+    if fed.aggregation == "trimmed-mean":
+        return FedTrimmedAvg(beta=fed.trim_beta)
+    if fed.aggregation == "krum":
+        return Krum(num_malicious_nodes=fed.krum_malicious)
+    return None
 
 
 def _checkpointer(folder: Path):

@@ -16,13 +16,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from logging import WARNING
+from typing import Any
+
+import torch
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.common.logger import log
+from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedpt.errors import FedPTError
-from fedpt.federation.records import ARRAYS_KEY, METRICS_KEY, arrays_to_state, state_to_arrays
+from fedpt.federation.records import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, arrays_to_state, state_to_arrays
 from fedpt.metrics import RoundLog, RoundRecord
 from fedpt.models.logits import LocalLogitSource, LogitSource
 from fedpt.progress import Progress
@@ -53,13 +58,22 @@ class FedPTStrategy(FedAvg):
         again, this strategy reports and seeds them as ``first_round + n``.
     on_round_end : callable, optional
         ``(round, arrays)`` after each round's record is written (checkpointing).
+    aggregator : Strategy, optional
+        Whose ``aggregate_train`` averages the valid updates (Flower's FedMedian, FedTrimmedAvg,
+        Krum, or a DP wrapper around FedAvg); default: this FedAvg itself.
+    max_update_norm : float
+        Reject updates farther than this (L2) from the broadcast adapter; 0 disables the check.
+    min_results : int
+        Fewer valid updates than this fail the round.
     **fedavg_kwargs
         Passed to ``FedAvg`` (sampling fractions, minimum nodes).
     """
 
     def __init__(self, server: ServerModels, spec: SystemSpec, round_log: RoundLog, num_rounds: int,
                  eval_every: int = 1, progress: Progress | None = None, first_round: int = 0,
-                 on_round_end: Callable[[int, ArrayRecord], None] | None = None, **fedavg_kwargs) -> None:
+                 on_round_end: Callable[[int, ArrayRecord], None] | None = None,
+                 aggregator: Strategy | None = None, max_update_norm: float = 0.0, min_results: int = 1,
+                 **fedavg_kwargs) -> None:
         super().__init__(**fedavg_kwargs)
         self.server = server
         self.spec = spec
@@ -69,6 +83,11 @@ class FedPTStrategy(FedAvg):
         self.progress = progress
         self.first_round = first_round
         self.on_round_end = on_round_end
+        self.aggregator = aggregator
+        self.max_update_norm = max_update_norm
+        self.min_results = min_results
+        self._broadcast: dict[str, Any] = {}
+        self._sent = 0
         self._record = RoundRecord(round=0, system=spec.name)
         self._round_start = time.perf_counter()
 
@@ -80,6 +99,8 @@ class FedPTStrategy(FedAvg):
         self._round_start = time.perf_counter()
         self._record = RoundRecord(round=server_round, system=self.spec.name)
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._broadcast = arrays_to_state(arrays)  # what valid replies must match in keys, shapes, dtypes
+        self._sent = len(messages)
         self._record.bytes_down_per_device = arrays.count_bytes()
         self._record.bytes_down = arrays.count_bytes() * len(messages)
         self._phase(server_round, f"device training ({len(messages)} devices)")
@@ -91,13 +112,25 @@ class FedPTStrategy(FedAvg):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.first_round
         replies = list(replies)
-        arrays, metrics = super().aggregate_train(server_round, replies)  # step 3: FedAvg
-        ok = [m for m in replies if not m.has_error()]
         record = self._record
-        record.clients, record.failures = len(ok), len(replies) - len(ok)
-        if arrays is None:
-            reasons = "; ".join(m.error.reason.splitlines()[0] for m in replies if m.has_error())[:300]
-            raise FedPTError(f"round {server_round}: no device returned an update ({reasons or 'no replies'})")
+        ok, problems = [], []
+        for message in replies:
+            reason = _error_reason(message) or self.check_update(message)
+            if reason:
+                problems.append(f"node {message.metadata.src_node_id}: {reason}")
+            else:
+                ok.append(message)
+        if len(replies) < self._sent:
+            problems.append(f"{self._sent - len(replies)} device(s) sent no reply before the round timeout")
+        for problem in problems:
+            log(WARNING, "round %s: update not aggregated: %s", server_round, problem)
+        record.clients, record.failures = len(ok), len(problems)
+        record.problems = problems
+        if len(ok) < self.min_results:
+            raise FedPTError(f"round {server_round}: {len(ok)} valid update(s), {self.min_results} needed "
+                             f"({'; '.join(problems)[:300] or 'no replies'})")
+        aggregate = self.aggregator.aggregate_train if self.aggregator is not None else super().aggregate_train
+        arrays, metrics = aggregate(server_round, ok)  # step 3: FedAvg (or a robust / DP variant)
         sizes = [m.content[ARRAYS_KEY].count_bytes() for m in ok]
         record.bytes_up, record.bytes_up_per_device = sum(sizes), max(sizes)
         device_metrics = [m.content[METRICS_KEY] for m in ok]
@@ -108,6 +141,31 @@ class FedPTStrategy(FedAvg):
         if self.spec.distill:
             arrays = self.proxy_tune_and_distill(server_round, arrays)
         return arrays, metrics
+
+    def check_update(self, message: Message) -> str | None:
+        """Why a device's update must not be averaged (None when it is fine).
+
+        Wrong keys, shapes or dtypes, NaN/Inf, or an L2 distance to the broadcast adapter above
+        ``max_update_norm``: a buggy or poisoned device must not reach the global model.
+        """
+        try:
+            state = arrays_to_state(message.content[ARRAYS_KEY])
+            int(message.content[METRICS_KEY][NUM_EXAMPLES_KEY])
+        except (KeyError, TypeError, ValueError) as err:
+            return f"malformed reply ({err})"
+        if state.keys() != self._broadcast.keys():
+            return f"adapter keys differ from the broadcast ({len(state)} vs {len(self._broadcast)} tensors)"
+        distance = 0.0
+        for key, value in state.items():
+            expected = self._broadcast[key]
+            if value.shape != expected.shape or value.dtype != expected.dtype:
+                return f"{key} is {value.dtype}{tuple(value.shape)}, expected {expected.dtype}{tuple(expected.shape)}"
+            if not torch.isfinite(value).all():
+                return f"{key} holds NaN or Inf"
+            distance += float((value.double() - expected.double()).pow(2).sum())
+        if self.max_update_norm and distance**0.5 > self.max_update_norm:
+            return f"update norm {distance**0.5:.3g} exceeds federation.max_update_norm={self.max_update_norm}"
+        return None
 
     def proxy_tune_and_distill(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
         """Steps 4 and 5: the averaged small adapter steers the large LM, which then teaches it."""
@@ -165,3 +223,8 @@ class FedPTStrategy(FedAvg):
     def _phase(self, server_round: int, phase: str) -> None:
         if self.progress is not None:
             self.progress.phase(self.spec.name, server_round, phase)
+
+
+def _error_reason(message: Message) -> str | None:
+    """A device that crashed or timed out comes back as an error reply."""
+    return f"error: {message.error.reason.splitlines()[0][:200]}" if message.has_error() else None

@@ -11,6 +11,7 @@ FAST = ["--set", "data.eval_size=8", "--set", "data.kd_pool_size=8", "--set", "e
         "--set", "distill.max_new_tokens=8", "--set", "train.steps=2", "--set", "distill.steps=2"]
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # as the CLI sets it: before torch loads MKL
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

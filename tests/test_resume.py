@@ -44,19 +44,13 @@ def test_resume_after_a_stop_matches_an_uninterrupted_run(tmp_path):
     rows = [json.loads(line) for line in (full / "rounds.jsonl").read_text().splitlines()]
     resumed = [json.loads(line) for line in (cut / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in resumed] == [0, 1, 2, 3]
-    # Round 1 device training is bit-identical; server-side float reductions can differ in the
-    # last bits between processes (allocation-dependent kernel paths), and later rounds inherit
-    # that, hence the tolerance (bit-identical resume is an open item).
-    assert rows[1]["train_loss"] == resumed[1]["train_loss"]
+    # Bit-identical: replies are aggregated in a fixed order and MKL runs alignment-independent.
+    keys = ("train_loss", "kd_loss", "kd_kl_before", "kd_kl_after", "rougeL_small", "rougeL_proxy", "bytes_up")
     for a, b in zip(rows, resumed):
-        assert a["bytes_up"] == b["bytes_up"], a["round"]
-        for key in ("train_loss", "kd_loss", "kd_kl_before", "kd_kl_after", "rougeL_small", "rougeL_proxy"):
-            assert a[key] == (None if b[key] is None else pytest.approx(b[key], rel=1e-5)), (a["round"], key)
+        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}, a["round"]
     a = load_file(full / "fedpt" / "adapter" / "adapter_model.safetensors")
     b = load_file(cut / "fedpt" / "adapter" / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_refuses_other_flags(tmp_path, capsys):

@@ -27,6 +27,10 @@ def simulate(cfg: FedPTConfig, out_dir: Path | None, progress: Progress | None =
     def _main(grid: Grid, context) -> None:
         records.extend(run_systems(grid, cfg, out_dir, progress))
 
+    if cfg.run.threads:
+        import torch
+
+        torch.set_num_threads(cfg.run.threads)  # the server's steps (proxy, distillation, evaluation)
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)
     backend_config = {

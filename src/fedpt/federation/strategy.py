@@ -129,6 +129,9 @@ class FedPTStrategy(FedAvg):
         if len(ok) < self.min_results:
             raise FedPTError(f"round {server_round}: {len(ok)} valid update(s), {self.min_results} needed "
                              f"({'; '.join(problems)[:300] or 'no replies'})")
+        # Replies arrive in completion order; a fixed order makes the float sums reproducible.
+        ok.sort(key=lambda m: (int(m.content[METRICS_KEY][NUM_EXAMPLES_KEY]),
+                               float(m.content[METRICS_KEY]["train_loss"])))
         aggregate = self.aggregator.aggregate_train if self.aggregator is not None else super().aggregate_train
         arrays, metrics = aggregate(server_round, ok)  # step 3: FedAvg (or a robust / DP variant)
         sizes = [m.content[ARRAYS_KEY].count_bytes() for m in ok]

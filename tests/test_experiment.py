@@ -21,9 +21,12 @@ def test_experiment_writes_results_and_resumes(tmp_path, capsys):
         assert heading in results
     assert (out / "rouge_per_round.png").stat().st_size > 10_000 and (out / "alpha_sweep.png").is_file()
     sweep = json.loads((out / "alpha_sweep.json").read_text())
-    assert set(sweep) == {"fedpt", "fedavg-pt"} and set(sweep["fedpt"]) == {"0.0", "1.0", "2.0"}
-    # alpha = 0 is the large LM alone: both systems score the same there
-    assert sweep["fedpt"]["0.0"] == sweep["fedavg-pt"]["0.0"]
+    assert set(sweep) == {"fedpt"} and set(sweep["fedpt"]) == {"0.0", "1.0", "2.0"}
+    rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    by = {(r["system"], r["round"]): r for r in rows}
+    # alpha = 0 is the large LM alone (round 0's score); alpha = 1 is the run's own last round
+    assert sweep["fedpt"]["0.0"]["dolly-tiny"] == by[("fedpt", 0)]["rougeL_sets"]["dolly-tiny"]["large"]
+    assert sweep["fedpt"]["1.0"]["dolly-tiny"] == by[("fedpt", 2)]["rougeL_proxy"]
     for system in ("fedpt", "fedavg-small", "fedavg-large", "fedavg-pt"):
         assert f"| {system} |" in results
     rounds_before = (out / "rounds.jsonl").read_text()

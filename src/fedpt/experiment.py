@@ -48,8 +48,12 @@ def run_experiment(cfg: FedPTConfig, out_dir: Path, alphas: tuple[float, ...] = 
     return path
 
 
-def alpha_sweep(cfg: FedPTConfig, out_dir: Path, alphas: tuple[float, ...]) -> dict:
-    """Rouge-L of the proxy-tuned large LM per alpha, for each small-LM system's final adapter."""
+def alpha_sweep(cfg: FedPTConfig, out_dir: Path, alphas: tuple[float, ...],
+                systems: tuple[str, ...] = ("fedpt",)) -> dict:
+    """Rouge-L of FedPT's proxy-tuned large LM per alpha (the paper's Figure 4), final adapter.
+
+    The run's own alpha was already scored at the last round: that record is reused.
+    """
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -57,8 +61,12 @@ def alpha_sweep(cfg: FedPTConfig, out_dir: Path, alphas: tuple[float, ...]) -> d
 
     path = out_dir / "alpha_sweep.json"
     sweep: dict = json.loads(path.read_text()) if path.is_file() else {}
-    todo = [(system, alpha) for system in ("fedpt", "fedavg-pt") for alpha in alphas
-            if str(alpha) not in sweep.get(system, {})]
+    final = {r.system: r for r in RoundLog(out_dir / "rounds.jsonl").records if r.round == cfg.federation.rounds}
+    for system in systems:
+        if cfg.proxy.alpha in alphas and system in final and final[system].rougeL_sets:
+            sweep.setdefault(system, {})[str(cfg.proxy.alpha)] = {
+                name: roles["proxy"] for name, roles in final[system].rougeL_sets.items() if "proxy" in roles}
+    todo = [(system, alpha) for system in systems for alpha in alphas if str(alpha) not in sweep.get(system, {})]
     if not todo:
         return sweep
     server = ServerModels.load(cfg, load_splits(cfg), large_trainable=False)

@@ -128,11 +128,16 @@ def make_plots(out_dir: Path, records: list[RoundRecord], sweep: dict) -> list[s
     for ax, set_name in zip(axes[0], sets):
         for system in dict.fromkeys(r.system for r in records):
             for role, label in ROLES.items():
-                points = [(r.round, r.rougeL_sets[set_name][role]) for r in records
-                          if r.system == system and role in r.rougeL_sets.get(set_name, {})]
+                # At round 0 the proxy-tuned large LM is the large LM itself (identity adapter).
+                points = [(r.round, scores.get(role, scores.get("large") if role == "proxy" and r.round == 0
+                                               else None))
+                          for r in records if r.system == system
+                          for scores in [r.rougeL_sets.get(set_name, {})]]
+                points = [(x, y) for x, y in points if y is not None]
                 if len(points) > 1:
                     ax.plot(*zip(*points), marker="o", label=f"{system}: {label}")
         ax.set_title(set_name)
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("round")
         ax.set_ylabel("Rouge-L")
         ax.grid(alpha=0.3)
@@ -181,6 +186,8 @@ def results_markdown(cfg: FedPTConfig, summary: dict, records: list[RoundRecord]
     lines.append("| system | round | " + " | ".join(f"{s} {role}" for s in _sets(records) for role in ROLES) + " |")
     lines.append("|---|---|" + "---|" * (len(_sets(records)) * len(ROLES)))
     for r in records:
+        if not r.rougeL_sets:
+            continue  # a round without evaluation (eval.every)
         cells = [f"{r.rougeL_sets.get(s, {}).get(role):.2f}" if role in r.rougeL_sets.get(s, {}) else ""
                  for s in _sets(records) for role in ROLES]
         lines.append(f"| {r.system} | {r.round} | " + " | ".join(cells) + " |")
@@ -201,8 +208,10 @@ def results_markdown(cfg: FedPTConfig, summary: dict, records: list[RoundRecord]
                      f"{c['device_peak_memory_bytes'] / 2**30:.2f} GiB | {c['device_train_tflops_est']:.1f} | "
                      f"{c['device_train_seconds']:.1f} | {c['server_distill_seconds']:.1f} | {c['round_seconds']:.1f} |")
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
-    lines += ["", f"Wall time of the federated runs: {summary['wall_seconds'] or 0:.0f} s (the last invocation); "
-              f"peak memory, all processes: {(summary['peak_memory_bytes'] or 0) / 2**30:.2f} GiB."]
+    total = sum(r.seconds for r in records)
+    lines += ["", f"Time in rounds, all systems (sum of `seconds` in rounds.jsonl, evaluation included): "
+              f"{total:.0f} s. Device peak RSS is the device process's lifetime peak (`ru_maxrss`), so a "
+              "process that trained the large LM earlier in the same run reports that peak later too."]
     return "\n".join(lines) + "\n"
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-TINY_VERSION = 1  # bump when the recipe changes, so stale caches are rebuilt
+TINY_VERSION = 2  # bump when the recipe changes, so stale caches are rebuilt
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_end|>"]
 
 

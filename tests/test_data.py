@@ -90,3 +90,12 @@ def test_extra_eval_sets_must_not_overlap_device_data_or_kd_pool(tmp_path):
     real = load_config(preset="qwen-cpu")  # the default job's sets: disjoint by construction, checked here
     sets = load_eval_sets(real, load_splits(real))
     assert list(sets) == ["dolly-15k", "self-instruct", "sni"] and all(len(v) == 8 for v in sets.values())
+
+
+def test_saved_hf_dataset_with_field_mapping(tmp_path):
+    from datasets import Dataset
+
+    Dataset.from_dict({"q": ["Say hi", "Count to 3"], "a": ["hi", "1 2 3"], "input": ["", ""]}).save_to_disk(
+        str(tmp_path / "ds"))
+    examples = load_examples(str(tmp_path / "ds"), ["instruction=q", "response=a"])
+    assert [(e.instruction, e.response) for e in examples] == [("Say hi", "hi"), ("Count to 3", "1 2 3")]

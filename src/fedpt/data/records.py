@@ -58,6 +58,8 @@ def resolve_source(source: str) -> Path:
             raise FedPTError(f"unknown built-in data set '{name}': choose from {', '.join(BUILTIN_SOURCES)}")
         return Path(str(resources.files("fedpt") / "data" / "vendored" / BUILTIN_SOURCES[name]))
     path = Path(source).expanduser()
+    if path.is_dir() and (path / "dataset_info.json").is_file():
+        return path  # a Hugging Face dataset saved with save_to_disk()
     if not path.is_file():
         raise FedPTError(f"data file {path} does not exist (data.source)")
     return path
@@ -79,8 +81,9 @@ FIELDS = ("instruction", "context", "response", "category", "references")
 
 
 def load_examples(source: str, fields: list[str] | tuple[str, ...] = ()) -> list[Example]:
-    """Read every record of a JSONL (.jsonl, .jsonl.gz) or CSV file; a broken record is an error
-    naming the file and the line. ``fields`` renames the file's columns (``data.fields``)."""
+    """Read every record of a JSONL (.jsonl, .jsonl.gz) or CSV file, or of a Hugging Face dataset
+    saved with ``save_to_disk``; a broken record is an error naming the file and the line (row).
+    ``fields`` renames the file's columns (``data.fields``)."""
     path = resolve_source(source)
     mapping = parse_field_map(fields)
     examples = [_to_example(_renamed(raw, mapping), f"{path}:{line_no}") for line_no, raw in _raw_records(path)]
@@ -95,7 +98,16 @@ def _renamed(raw: dict, mapping: dict[str, str]) -> dict:
 
 
 def _raw_records(path: Path):
-    """(line number, dict) per record."""
+    """(line number, dict) per record; for a saved HF dataset the "line" is the row number + 1."""
+    if path.is_dir():
+        from datasets import load_from_disk
+
+        dataset = load_from_disk(str(path))
+        if not hasattr(dataset, "features"):  # a DatasetDict: which split is meant is ambiguous
+            raise FedPTError(f"{path} holds several splits ({', '.join(dataset)}); save the one to use alone")
+        for row_no, row in enumerate(dataset, start=1):
+            yield row_no, dict(row)
+        return
     if path.suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)

@@ -78,13 +78,6 @@ def encode_prompts_left(
     tokenizer: Any, prompts: list[str], max_prompt_tokens: int
 ) -> tuple["torch.Tensor", "torch.Tensor"]:
     """Left-padded prompt batch (B, T) so that every row's next token sits in the last column."""
-    import torch
-
     encoded = [encode_prompt(tokenizer, p, max_prompt_tokens) for p in prompts]
-    width = max(len(ids) for ids in encoded)
-    input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for i, ids in enumerate(encoded):
-        input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        mask[i, width - len(ids):] = 1
-    return input_ids, mask
+    batch = collate([(ids, ids) for ids in encoded], tokenizer.pad_token_id, left=True)
+    return batch["input_ids"], batch["attention_mask"]

@@ -77,6 +77,15 @@ def test_existing_run_is_never_overwritten(tmp_path, capsys):
     assert (out / "rounds.jsonl").read_text() == "precious\n"
 
 
+def test_overwrite_never_deletes_a_directory_that_is_not_a_run(tmp_path, capsys):
+    out = tmp_path / "home"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    assert _run("--out", str(out), "--overwrite") == 2
+    assert "--overwrite will not delete it" in _error_line(capsys)
+    assert (out / "thesis.tex").read_text() == "years of work"
+
+
 def test_generate_needs_a_run_directory(tmp_path, capsys):
     assert main(["generate", "--run", str(tmp_path), "hello"]) == 2
     assert "not a fedpt run directory" in _error_line(capsys)

@@ -39,6 +39,9 @@ def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
         if not overwrite:
             raise FedPTError(f"output directory {out_dir} already holds a run; pass --overwrite to replace it "
                              "or choose another --out")
+        if not (out_dir / "config.toml").is_file():  # --overwrite deletes fedpt runs, nothing else
+            raise FedPTError(f"{out_dir} is not empty and is not a fedpt run (no config.toml); "
+                             "--overwrite will not delete it: choose another --out")
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 

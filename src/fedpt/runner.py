@@ -17,18 +17,21 @@ from fedpt.metrics import PeakMemory, RoundRecord
 from fedpt.systems import SYSTEM_SPECS
 
 
-def preflight(cfg: FedPTConfig) -> dict[str, list[int]]:
-    """Data, partitions and vocabularies, checked up front; returns the per-client category histogram."""
+def preflight(cfg: FedPTConfig) -> tuple[dict[str, list[int]], dict[str, int]]:
+    """Data, partitions and vocabularies, checked up front.
+
+    Returns the per-client category histogram and the size of each evaluation set.
+    """
     from fedpt.data.partition import category_histogram, partition_examples
     from fedpt.models.loading import check_same_vocabulary
     from fedpt.server import load_eval_sets, load_splits
 
     splits = load_splits(cfg)
-    load_eval_sets(cfg, splits)  # readable, and disjoint from device data and the KD pool
+    eval_sets = load_eval_sets(cfg, splits)  # readable, and disjoint from device data and the KD pool
     n = cfg.federation.num_clients
     partitions = [partition_examples(splits.train, n, i, cfg.data, cfg.data.split_seed) for i in range(n)]
     check_same_vocabulary(cfg.model.small, cfg.model.large)
-    return category_histogram(partitions)
+    return category_histogram(partitions), {name: len(examples) for name, examples in eval_sets.items()}
 
 
 def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -56,7 +59,7 @@ def run(cfg: FedPTConfig, out_dir: Path, overwrite: bool = False, verbose: bool 
     from fedpt.federation.simulation import simulate
     from fedpt.progress import Progress
 
-    histogram = preflight(cfg)
+    histogram, eval_sizes = preflight(cfg)
     if not resume:
         prepare_out_dir(out_dir, overwrite)
         cfg.save(out_dir / "config.toml")
@@ -68,7 +71,7 @@ def run(cfg: FedPTConfig, out_dir: Path, overwrite: bool = False, verbose: bool 
             records = simulate(cfg, out_dir, progress, verbose)
     finally:
         progress.close()
-    return write_summary(out_dir, cfg, records, time.perf_counter() - start, memory.peak_bytes)
+    return write_summary(out_dir, cfg, records, eval_sizes, time.perf_counter() - start, memory.peak_bytes)
 
 
 def write_partition_report(out_dir: Path, histogram: dict[str, list[int]]) -> None:
@@ -99,10 +102,9 @@ def write_partition_report(out_dir: Path, histogram: dict[str, list[int]]) -> No
     plt.close(fig)
 
 
-def write_summary(out_dir: Path, cfg: FedPTConfig, records: list[RoundRecord], wall_seconds: float | None,
-                  peak_memory_bytes: int | None) -> dict:
+def write_summary(out_dir: Path, cfg: FedPTConfig, records: list[RoundRecord], eval_sizes: dict[str, int],
+                  wall_seconds: float | None, peak_memory_bytes: int | None) -> dict:
     from fedpt.evaluate import protocol_name
-    from fedpt.server import load_eval_sets, load_splits
 
     systems = {}
     for name in cfg.run.systems:
@@ -120,7 +122,7 @@ def write_summary(out_dir: Path, cfg: FedPTConfig, records: list[RoundRecord], w
         "rounds": cfg.federation.rounds,
         "eval_protocol": protocol_name(cfg.eval),
         "prompt_template": cfg.data.template,
-        "eval_sets": {name: len(examples) for name, examples in load_eval_sets(cfg, load_splits(cfg)).items()},
+        "eval_sets": eval_sizes,
         "wall_seconds": wall_seconds,
         "peak_memory_bytes": peak_memory_bytes,
     }

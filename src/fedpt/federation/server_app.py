@@ -19,7 +19,7 @@ from fedpt.federation.records import arrays_to_state, state_to_arrays, train_con
 from fedpt.federation.strategy import FedPTStrategy
 from fedpt.metrics import RoundLog, RoundRecord
 from fedpt.progress import Progress
-from fedpt.server import ServerModels, load_splits
+from fedpt.server import ServerModels, load_eval_sets, load_splits
 from fedpt.systems import SYSTEM_SPECS
 
 
@@ -97,4 +97,5 @@ def main(grid: Grid, context: Context) -> None:
     prepare_out_dir(out_dir, overwrite=bool(run_config.get("overwrite", False)))
     cfg.save(out_dir / "config.toml")
     records = run_systems(grid, cfg, out_dir, Progress(cfg.run.systems, cfg.federation.rounds))
-    write_summary(out_dir, cfg, records, wall_seconds=None, peak_memory_bytes=None)
+    eval_sizes = {name: len(examples) for name, examples in load_eval_sets(cfg, load_splits(cfg)).items()}
+    write_summary(out_dir, cfg, records, eval_sizes, wall_seconds=None, peak_memory_bytes=None)

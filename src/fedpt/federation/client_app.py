@@ -34,18 +34,26 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     """Step 2 of a FedPT round: local LoRA SFT of the broadcast adapter."""
     config = msg.content["config"]
-    cfg = FedPTConfig.from_json(str(config[CONFIG_KEY]))
-    spec = SYSTEM_SPECS[str(config[SYSTEM_KEY])]
-    server_round = int(config["server-round"])
+    state, metrics = tune_on_device(str(config[CONFIG_KEY]), str(config[SYSTEM_KEY]), int(config["server-round"]),
+                                    arrays_to_state(msg.content[ARRAYS_KEY]), context)
+    content = RecordDict({ARRAYS_KEY: state_to_arrays(state), METRICS_KEY: MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)
+
+
+def tune_on_device(cfg_json: str, system: str, server_round: int, adapter: dict[str, Any],
+                   context: Context) -> tuple[dict[str, Any], dict[str, int | float]]:
+    """LoRA-tune ``adapter`` on this device's data; returns the new adapter and the metrics to send."""
+    cfg = FedPTConfig.from_json(cfg_json)
+    spec = SYSTEM_SPECS[system]
     examples, partition_id = device_examples(cfg, context)
     model_spec = cfg.model.small if spec.device_model == "small" else cfg.model.large
     model, tokenizer = device_model(model_spec, cfg.model.dtype, cfg.lora.rank, cfg.lora.alpha,
                                     cfg.lora.dropout, tuple(cfg.lora.targets))
-    set_adapter_state(model, arrays_to_state(msg.content[ARRAYS_KEY]))
+    set_adapter_state(model, adapter)
     start = time.perf_counter()
     result = local_tune(model, tokenizer, examples, cfg.data, cfg.train,
                         seed=(cfg.run.seed * 1000 + server_round) * 1000 + partition_id)
-    metrics = MetricRecord({
+    metrics = {
         NUM_EXAMPLES_KEY: result.num_examples,
         "train_loss": result.loss,
         "train_last_loss": result.last_loss,
@@ -53,9 +61,8 @@ def train(msg: Message, context: Context) -> Message:
         "train_seconds": time.perf_counter() - start,
         # Peak resident memory of this device process so far (model + training), for cost tables.
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-    })
-    content = RecordDict({ARRAYS_KEY: state_to_arrays(get_adapter_state(model)), METRICS_KEY: metrics})
-    return Message(content=content, reply_to=msg)
+    }
+    return get_adapter_state(model), metrics
 
 
 def device_examples(cfg: FedPTConfig, context: Context) -> tuple[list[Example], int]:

@@ -1,8 +1,11 @@
 """Per-system, per-round checkpoints so a stopped run resumes from its last complete round.
 
 Layout under ``<out>/<system>/checkpoints/``: one directory per saved round
-(``round-0003/adapter.safetensors`` + ``meta.json`` holding the round and the adapter file's
-SHA-256) and a ``latest`` file naming the newest. A checkpoint directory is written completely
+(``round-0003/adapter.safetensors`` + ``meta.json`` holding the round, the adapter file's
+SHA-256, the run config it was made with, that system's round records so far and the
+strategy's state, e.g. the DP accountant's) and a ``latest`` file naming the newest. Nothing
+else needs saving: optimizers are fresh every round and every random draw is seeded from
+(run seed, round, device). A checkpoint directory is written completely
 under a temporary name and renamed into place; ``latest`` is replaced atomically afterwards.
 A crash at any point leaves the previous checkpoint valid. A corrupt or truncated checkpoint
 is detected by its hash and reported, never loaded.
@@ -15,11 +18,12 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedpt.errors import FedPTError
+from fedpt.faults import kill_point
 
 KEEP = 2  # checkpoints kept per system (the newest and one before it)
 
@@ -28,20 +32,29 @@ KEEP = 2  # checkpoints kept per system (the newest and one before it)
 class Checkpoint:
     round: int
     adapter: dict[str, Any]
+    config: dict[str, Any] = field(default_factory=dict)  # the run config that produced it
+    records: list[dict[str, Any]] | None = None  # this system's rounds.jsonl rows up to `round`
+    state: dict[str, Any] = field(default_factory=dict)  # strategy state (DP accountant)
 
 
-def save_checkpoint(folder: Path, server_round: int, adapter: dict[str, Any]) -> None:
+def save_checkpoint(folder: Path, server_round: int, adapter: dict[str, Any], config: dict[str, Any] | None = None,
+                    records: list[dict[str, Any]] | None = None, state: dict[str, Any] | None = None) -> None:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".round-*"):  # left by a crash mid-write
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=".round-", dir=folder))
     save_file({k: v.contiguous() for k, v in adapter.items()}, tmp / "adapter.safetensors")
-    meta = {"round": server_round, "sha256": _sha256(tmp / "adapter.safetensors")}
+    kill_point("checkpoint-write", server_round)
+    meta = {"round": server_round, "sha256": _sha256(tmp / "adapter.safetensors"), "config": config or {},
+            "records": records, "state": state or {}}
     (tmp / "meta.json").write_text(json.dumps(meta))
     final = folder / f"round-{server_round:04d}"
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
+    kill_point("checkpoint-publish", server_round)  # complete, but `latest` still names the one before
     _write_atomic(folder / "latest", final.name)
     for old in sorted(p for p in folder.glob("round-*") if p.is_dir())[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
@@ -59,7 +72,8 @@ def load_checkpoint(folder: Path) -> Checkpoint | None:
         meta = json.loads((path / "meta.json").read_text())
         if _sha256(path / "adapter.safetensors") != meta["sha256"]:
             raise ValueError("adapter hash does not match meta.json")
-        return Checkpoint(int(meta["round"]), load_file(path / "adapter.safetensors"))
+        return Checkpoint(int(meta["round"]), load_file(path / "adapter.safetensors"), meta.get("config", {}),
+                          meta.get("records"), meta.get("state", {}))
     except (OSError, ValueError, KeyError) as err:
         raise FedPTError(f"checkpoint {path} is corrupt or incomplete ({err}); delete it to restart that "
                          "system from scratch") from None
@@ -77,3 +91,16 @@ def _sha256(path: Path) -> str:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Keys whose value differs between a checkpoint's config and the run's (``federation.rounds``
+    may grow: resuming with more rounds continues the same run). Keys the checkpoint predates
+    are not compared."""
+    changed = []
+    for section, a in sorted(saved.items()):
+        b = current.get(section, {})
+        for key in sorted(a):
+            if (section, key) != ("federation", "rounds") and a.get(key) != b.get(key):
+                changed.append(f"{section}.{key}")
+    return changed

@@ -83,8 +83,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from fedpt.faults import check_kill_point_env
     from fedpt.runner import format_table, run
 
+    check_kill_point_env()
     if args.resume:
         if args.config or args.preset or args.overrides or args.system or args.out or args.overwrite:
             raise FedPTError("--resume DIR takes the run's own config: drop --config/--preset/--set/--system/--out")

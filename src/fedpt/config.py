@@ -200,6 +200,56 @@ class EvalConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Central differential privacy on the device updates (Flower's server-side fixed clipping).
+
+    Each update's distance to the broadcast adapter is clipped to ``clipping_norm`` (L2), the
+    updates are averaged uniformly, and Gaussian noise of std ``noise_multiplier *
+    clipping_norm / devices`` is added *before* proxy-tuning and distillation, so everything
+    the server derives is post-processing. Flower's RDP accountant reports epsilon at
+    ``delta`` per round (client-level, no sampling amplification).
+    """
+
+    dp: str = "off"  # off | central
+    noise_multiplier: float = 1.0
+    clipping_norm: float = 1.0
+    delta: float = 1e-5
+    max_epsilon: float = 0.0  # refuse a round that would exceed this budget (0 = no limit)
+
+    def validate(self) -> None:
+        _check_choice("privacy.dp", self.dp, ("off", "central"))
+        _check_positive("privacy.noise_multiplier", self.noise_multiplier)
+        _check_positive("privacy.clipping_norm", self.clipping_norm)
+        if not 0 < self.delta < 1:
+            raise FedPTError(f"privacy.delta must be strictly between 0 and 1, got {self.delta}")
+        _check_range("privacy.max_epsilon", self.max_epsilon, 0.0, float("inf"))
+
+
+@dataclass
+class FaultsConfig:
+    """Injected device faults, to test a deployment's fault tolerance (``fedpt.faults``).
+
+    Fractions of device rounds, chosen by a seeded hash of (seed, round, device): a device
+    crashes (raises), hangs for ``hang_seconds`` before replying, or its process exits.
+    """
+
+    crash: float = 0.0
+    hang: float = 0.0
+    exit: float = 0.0
+    hang_seconds: float = 0.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("crash", "hang", "exit"):
+            _check_range(f"faults.{name}", getattr(self, name), 0.0, 1.0)
+        if self.crash + self.hang + self.exit > 1:
+            raise FedPTError("faults.crash + faults.hang + faults.exit must not exceed 1")
+        _check_range("faults.hang_seconds", self.hang_seconds, 0.0, float("inf"))
+        if self.hang and not self.hang_seconds:
+            raise FedPTError("faults.hang > 0 needs faults.hang_seconds > 0 (longer than federation.round_timeout)")
+
+
+@dataclass
 class RunConfig:
     """What to run and how."""
 
@@ -230,10 +280,15 @@ class FedPTConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def validate(self) -> "FedPTConfig":
         for section in dataclasses.fields(self):
             getattr(self, section.name).validate()
+        if self.privacy.dp == "central" and self.federation.aggregation != "fedavg":
+            raise FedPTError("privacy.dp = 'central' averages with FedAvg (its noise is calibrated to the mean); "
+                             f"set federation.aggregation = 'fedavg', not '{self.federation.aggregation}'")
         return self
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

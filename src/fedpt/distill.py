@@ -16,6 +16,7 @@ FedAvg replaces next round).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,9 +110,12 @@ def pool_kl(student: Any, batches: list[KDBatch], temperature: float) -> float:
 
 def distill(
     teacher: LogitSource, student: Any, tokenizer: Any, prompts: list[str],
-    cfg: DistillConfig, data_cfg: DataConfig, seed: int,
+    cfg: DistillConfig, data_cfg: DataConfig, seed: int, after_step: Callable[[int], None] | None = None,
 ) -> DistillResult:
-    """Teacher responses, cached teacher distributions, then ``cfg.steps`` student LoRA steps."""
+    """Teacher responses, cached teacher distributions, then ``cfg.steps`` student LoRA steps.
+
+    ``after_step(step)`` is called after each optimizer step (progress, fault injection).
+    """
     start = time.perf_counter()
     decoding = Decoding(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.teacher_decoding == "sample", seed=seed)
     responses = generate_ids(teacher, tokenizer, prompts, decoding, cfg.batch_size, data_cfg.max_prompt_tokens)
@@ -129,6 +133,8 @@ def distill(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        if after_step is not None:
+            after_step(step)
     student.eval()
     return DistillResult(
         kl_before=kl_before, kl_after=pool_kl(student, batches, cfg.temperature),

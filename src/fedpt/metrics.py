@@ -35,6 +35,8 @@ class RoundRecord:
     device_train_seconds: float | None = None  # mean per device
     device_train_tokens: float | None = None  # mean per device (FLOPs estimate: 6 * params * tokens)
     device_peak_memory_bytes: int | None = None  # max over devices of the device process's peak RSS
+    dp_epsilon: float | None = None  # central DP: privacy spent so far (RDP accountant) ...
+    dp_delta: float | None = None  # ... at this delta
     distill_seconds: float | None = None
     eval_seconds: float | None = None
     seconds: float = 0.0  # wall time of the whole round
@@ -53,11 +55,24 @@ class RoundLog:
         self.path = path
         self.records: list[RoundRecord] = []
         if path is not None and path.is_file():
-            self.records = [RoundRecord(**json.loads(line)) for line in path.read_text().splitlines() if line]
+            for line in path.read_text().splitlines():
+                try:
+                    self.records.append(RoundRecord(**json.loads(line)))
+                except (ValueError, TypeError):
+                    pass  # a line torn by a crash mid-write; its round is redone on resume
 
-    def truncate(self, system: str, last_round: int) -> None:
-        """Forget ``system``'s records after ``last_round`` (written after its last checkpoint)."""
-        self.records = [r for r in self.records if r.system != system or r.round <= last_round]
+    def restore(self, system: str, last_round: int, saved: list[dict] | None = None) -> None:
+        """Make ``system``'s records those of its last checkpoint (round ``last_round``).
+
+        ``saved`` (from the checkpoint) replaces them; without it, records after
+        ``last_round`` (written after the checkpoint) are dropped.
+        """
+        others = [r for r in self.records if r.system != system]
+        if saved is not None:
+            mine = [RoundRecord(**row) for row in saved]
+        else:
+            mine = [r for r in self.records if r.system == system and r.round <= last_round]
+        self.records = others + mine
         if self.path is not None:
             tmp = self.path.with_name(f".{self.path.name}.tmp")
             tmp.write_text("".join(r.to_json() + "\n" for r in self.records))

@@ -8,6 +8,7 @@ fedavg-large baseline, which is white-box by definition. No Flower here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,12 +96,12 @@ class ServerModels:
 
     # -- step 5: distillation ---------------------------------------------------------------
 
-    def distill(self, server_round: int) -> DistillResult:
+    def distill(self, server_round: int, after_step: Callable[[int], None] | None = None) -> DistillResult:
         """Distill the proxy-tuned large LM into the loaded small adapter, in place."""
         teacher = self.proxy_tune()
         prompts = [format_prompt(ex, self.cfg.data.template, self.tokenizer) for ex in self.splits.kd_pool]
         return distill(teacher, self.small, self.tokenizer, prompts, self.cfg.distill, self.cfg.data,
-                       seed=self.cfg.run.seed * 1000 + server_round)
+                       seed=self.cfg.run.seed * 1000 + server_round, after_step=after_step)
 
     # -- evaluation -------------------------------------------------------------------------
 

@@ -21,13 +21,14 @@ from flwr.clientapp import ClientApp
 from fedpt.config import FedPTConfig
 from fedpt.data.partition import partition_examples
 from fedpt.data.records import Example, load_examples
+from fedpt.faults import inject_device_faults
 from fedpt.federation.records import (ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, SYSTEM_KEY,
                                       arrays_to_state, state_to_arrays)
 from fedpt.models.lora import attach_lora, get_adapter_state, set_adapter_state
 from fedpt.systems import SYSTEM_SPECS
 from fedpt.train import local_tune
 
-app = ClientApp()
+app = ClientApp(mods=[inject_device_faults])  # faults: off unless [faults] asks
 
 
 @app.train()

@@ -13,6 +13,7 @@ SYSTEM_KEY = "fedpt-system"  # which system this round belongs to
 ARRAYS_KEY = "arrays"  # Flower's default ArrayRecord key
 METRICS_KEY = "metrics"
 NUM_EXAMPLES_KEY = "num-examples"  # FedAvg weights by this
+UNIFORM_WEIGHT_KEY = "uniform-weight"  # set by the server under central DP: every device weighs 1
 
 
 def state_to_arrays(state: dict[str, Any]) -> ArrayRecord:

@@ -7,15 +7,18 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, Krum, Strategy
 
-from fedpt.checkpoint import load_checkpoint, save_checkpoint
+from fedpt.checkpoint import Checkpoint, config_changes, load_checkpoint, save_checkpoint
 from fedpt.config import FedPTConfig, load_config
-from fedpt.federation.records import arrays_to_state, state_to_arrays, train_config
+from fedpt.errors import FedPTError
+from fedpt.federation.records import UNIFORM_WEIGHT_KEY, arrays_to_state, state_to_arrays, train_config
 from fedpt.federation.strategy import FedPTStrategy
 from fedpt.metrics import RoundLog, RoundRecord
 from fedpt.progress import Progress
@@ -34,19 +37,27 @@ def run_systems(grid: Grid, cfg: FedPTConfig, out_dir: Path | None,
         folder = out_dir / name / "checkpoints" if out_dir else None
         checkpoint = load_checkpoint(folder) if folder else None
         done = checkpoint.round if checkpoint else 0
-        round_log.truncate(name, done)
+        if checkpoint is not None:
+            _check_same_config(checkpoint, cfg, folder)
+        # The checkpoint's records are the truth: rounds logged after it are redone.
+        round_log.restore(name, done, checkpoint.records if checkpoint else None)
         if progress is not None and done:
             progress.skip(min(done, fed.rounds))
         if done >= fed.rounds:  # finished in an earlier run
             final = checkpoint.adapter
         else:
+            sampling = dict(fraction_train=fed.clients_per_round / fed.num_clients,
+                            min_train_nodes=fed.clients_per_round, min_available_nodes=fed.num_clients,
+                            fraction_evaluate=0.0)  # evaluation is server-side
             strategy = FedPTStrategy(
                 server, spec, round_log, num_rounds=fed.rounds, eval_every=cfg.eval.every, progress=progress,
-                first_round=done, on_round_end=_checkpointer(folder) if folder else None,
-                aggregator=make_aggregator(cfg), max_update_norm=fed.max_update_norm, min_results=fed.min_results,
-                fraction_train=fed.clients_per_round / fed.num_clients, min_train_nodes=fed.clients_per_round,
-                min_available_nodes=fed.num_clients, fraction_evaluate=0.0,  # evaluation is server-side
+                first_round=done,
+                on_round_end=_checkpointer(folder, cfg, round_log, name) if folder else None,
+                aggregator=make_aggregator(cfg, **sampling), max_update_norm=fed.max_update_norm,
+                min_results=fed.min_results, **sampling,
             )
+            if checkpoint is not None:
+                strategy.load_strategy_state(checkpoint.state)
             initial = checkpoint.adapter if checkpoint else server.initial_adapter(spec.device_model)
             result = strategy.start(
                 grid=grid, initial_arrays=state_to_arrays(initial), num_rounds=fed.rounds - done,
@@ -59,23 +70,47 @@ def run_systems(grid: Grid, cfg: FedPTConfig, out_dir: Path | None,
     return round_log.records
 
 
-def make_aggregator(cfg: FedPTConfig) -> Strategy | None:
-    """Flower's robust aggregation by name (None: plain FedAvg, the strategy's own)."""
-    fed = cfg.federation
+def make_aggregator(cfg: FedPTConfig, **sampling: Any) -> Strategy | None:
+    """Flower's robust or central-DP aggregation from the config (None: plain FedAvg, the strategy's own).
+
+    ``sampling`` (fractions, minimum nodes) goes to the aggregator, which also samples the devices.
+    """
+    fed, privacy = cfg.federation, cfg.privacy
+    if privacy.dp == "central":
+        from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
+        from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
+        from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+        # Client-level DP over a fixed population, no credit taken for sampling.
+        accountant = RdpAccountant(PrivacyConfig(
+            target_delta=privacy.delta, population_size=fed.num_clients,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION, max_epsilon=privacy.max_epsilon or None))
+        return DifferentialPrivacyServerSideFixedClipping(
+            FedAvg(weighted_by_key=UNIFORM_WEIGHT_KEY, **sampling), noise_multiplier=privacy.noise_multiplier,
+            clipping_norm=privacy.clipping_norm, num_sampled_clients=fed.clients_per_round, accountant=accountant)
     if fed.aggregation == "median":
-        return FedMedian()
+        return FedMedian(**sampling)
     if fed.aggregation == "trimmed-mean":
-        return FedTrimmedAvg(beta=fed.trim_beta)
+        return FedTrimmedAvg(beta=fed.trim_beta, **sampling)
     if fed.aggregation == "krum":
-        return Krum(num_malicious_nodes=fed.krum_malicious)
+        return Krum(num_malicious_nodes=fed.krum_malicious, **sampling)
     return None
 
 
-def _checkpointer(folder: Path):
-    """Save the global adapter after every round (``FedPTStrategy.on_round_end``)."""
-    def save(server_round: int, arrays: ArrayRecord) -> None:
-        save_checkpoint(folder, server_round, arrays_to_state(arrays))
+def _checkpointer(folder: Path, cfg: FedPTConfig, round_log: RoundLog, system: str):
+    """Save the global adapter, records and strategy state after every round (``on_round_end``)."""
+    def save(server_round: int, arrays: ArrayRecord, state: dict[str, Any]) -> None:
+        records = [json.loads(r.to_json()) for r in round_log.records if r.system == system]
+        save_checkpoint(folder, server_round, arrays_to_state(arrays), cfg.to_dict(), records, state)
     return save
+
+
+def _check_same_config(checkpoint: Checkpoint, cfg: FedPTConfig, folder: Path) -> None:
+    changed = config_changes(checkpoint.config, cfg.to_dict())
+    if changed:
+        raise FedPTError(f"{folder} was written with a different config ({', '.join(changed[:5])} changed); "
+                         "resume with the run's own config.toml or start a new run")
 
 
 app = ServerApp()

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from fedpt.config import FedPTConfig
+from fedpt.errors import FedPTError
 from fedpt.metrics import RoundRecord
 from fedpt.progress import Progress
 
@@ -21,11 +22,16 @@ def simulate(cfg: FedPTConfig, out_dir: Path | None, progress: Progress | None =
     from fedpt.federation.server_app import run_systems
 
     records: list[RoundRecord] = []
+    failure: list[BaseException] = []  # the ServerApp runs in a thread: keep its error for the user
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context) -> None:
-        records.extend(run_systems(grid, cfg, out_dir, progress))
+        try:
+            records.extend(run_systems(grid, cfg, out_dir, progress))
+        except BaseException as err:
+            failure.append(err)
+            raise
 
     if cfg.run.threads:
         import torch
@@ -41,8 +47,11 @@ def simulate(cfg: FedPTConfig, out_dir: Path | None, progress: Progress | None =
     }
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.num_clients,
                    backend_config=backend_config, verbose_logging=verbose)
+    resume = f"; the last checkpoint is intact: fedpt run --resume {out_dir}" if out_dir else ""
+    if failure:
+        err = failure[0]
+        reason = str(err) if isinstance(err, FedPTError) else f"{type(err).__name__}: {err}"
+        raise FedPTError(f"{reason}{resume}") from err
     if len(records) < len(cfg.run.systems) * (cfg.federation.rounds + 1):
-        from fedpt.errors import FedPTError
-
-        raise FedPTError("the simulation ended before all rounds finished; rerun with --verbose to see why")
+        raise FedPTError(f"the simulation ended before all rounds finished (rerun with --verbose to see why){resume}")
     return records

@@ -15,7 +15,8 @@ Baselines are the same strategy with switches from ``fedpt.systems``: ``fedavg-s
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from logging import WARNING
 from typing import Any
 
@@ -27,7 +28,9 @@ from flwr.common.logger import log
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedpt.errors import FedPTError
-from fedpt.federation.records import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, arrays_to_state, state_to_arrays
+from fedpt.faults import kill_point
+from fedpt.federation.records import (ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, UNIFORM_WEIGHT_KEY,
+                                     arrays_to_state, state_to_arrays)
 from fedpt.metrics import RoundLog, RoundRecord
 from fedpt.models.logits import LocalLogitSource, LogitSource
 from fedpt.progress import Progress
@@ -57,10 +60,12 @@ class FedPTStrategy(FedAvg):
         Rounds already completed (resuming from a checkpoint): Flower counts rounds from 1
         again, this strategy reports and seeds them as ``first_round + n``.
     on_round_end : callable, optional
-        ``(round, arrays)`` after each round's record is written (checkpointing).
+        ``(round, arrays, state)`` after each round's record is written (checkpointing);
+        ``state`` is ``strategy_state()``.
     aggregator : Strategy, optional
-        Whose ``aggregate_train`` averages the valid updates (Flower's FedMedian, FedTrimmedAvg,
-        Krum, or a DP wrapper around FedAvg); default: this FedAvg itself.
+        Samples the devices and averages the valid updates: Flower's FedMedian, FedTrimmedAvg,
+        Krum, or its central-DP wrapper around FedAvg (which must see the broadcast to clip
+        against and account each round); default: this FedAvg itself.
     max_update_norm : float
         Reject updates farther than this (L2) from the broadcast adapter; 0 disables the check.
     min_results : int
@@ -71,7 +76,7 @@ class FedPTStrategy(FedAvg):
 
     def __init__(self, server: ServerModels, spec: SystemSpec, round_log: RoundLog, num_rounds: int,
                  eval_every: int = 1, progress: Progress | None = None, first_round: int = 0,
-                 on_round_end: Callable[[int, ArrayRecord], None] | None = None,
+                 on_round_end: Callable[[int, ArrayRecord, dict[str, Any]], None] | None = None,
                  aggregator: Strategy | None = None, max_update_norm: float = 0.0, min_results: int = 1,
                  **fedavg_kwargs) -> None:
         super().__init__(**fedavg_kwargs)
@@ -98,12 +103,15 @@ class FedPTStrategy(FedAvg):
         server_round += self.first_round
         self._round_start = time.perf_counter()
         self._record = RoundRecord(round=server_round, system=self.spec.name)
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        sampler = self.aggregator if self.aggregator is not None else super()
+        messages = list(sampler.configure_train(server_round, arrays, config, grid))
         self._broadcast = arrays_to_state(arrays)  # what valid replies must match in keys, shapes, dtypes
         self._sent = len(messages)
         self._record.bytes_down_per_device = arrays.count_bytes()
         self._record.bytes_down = arrays.count_bytes() * len(messages)
         self._phase(server_round, f"device training ({len(messages)} devices)")
+        if kill_point_armed := _timer_kill("device-training", server_round):
+            kill_point_armed.start()  # fires once the messages are out and devices are training
         return messages
 
     # -- steps 3, 4, 5 ----------------------------------------------------------------------
@@ -133,7 +141,18 @@ class FedPTStrategy(FedAvg):
         ok.sort(key=lambda m: (int(m.content[METRICS_KEY][NUM_EXAMPLES_KEY]),
                                float(m.content[METRICS_KEY]["train_loss"])))
         aggregate = self.aggregator.aggregate_train if self.aggregator is not None else super().aggregate_train
-        arrays, metrics = aggregate(server_round, ok)  # step 3: FedAvg (or a robust / DP variant)
+        if self.accountant is not None:
+            # DP-FedAvg weighs devices equally: the mean's sensitivity is then clip / n.
+            for message in ok:
+                message.content[METRICS_KEY][UNIFORM_WEIGHT_KEY] = 1
+        with self._server_step(server_round, "aggregation"):
+            arrays, metrics = aggregate(server_round, ok)  # step 3: FedAvg (or a robust / DP variant)
+        if arrays is None:
+            raise FedPTError(f"round {server_round}: the aggregator returned no model "
+                             f"({len(ok)} of {self._sent} sampled devices replied)")
+        if self.accountant is not None:
+            spent = self.accountant.get_privacy_spent()
+            record.dp_epsilon, record.dp_delta = spent.epsilon, spent.delta
         sizes = [m.content[ARRAYS_KEY].count_bytes() for m in ok]
         record.bytes_up, record.bytes_up_per_device = sum(sizes), max(sizes)
         device_metrics = [m.content[METRICS_KEY] for m in ok]
@@ -142,7 +161,8 @@ class FedPTStrategy(FedAvg):
         record.device_train_tokens = sum(float(d["train_tokens"]) for d in device_metrics) / len(ok)
         record.device_peak_memory_bytes = max(int(d.get("peak_rss_bytes", 0)) for d in device_metrics)
         if self.spec.distill:
-            arrays = self.proxy_tune_and_distill(server_round, arrays)
+            with self._server_step(server_round, "proxy-tuning + distillation"):
+                arrays = self.proxy_tune_and_distill(server_round, arrays)
         return arrays, metrics
 
     def check_update(self, message: Message) -> str | None:
@@ -174,7 +194,8 @@ class FedPTStrategy(FedAvg):
         """Steps 4 and 5: the averaged small adapter steers the large LM, which then teaches it."""
         self._phase(server_round, "proxy-tuning + distillation")
         self.server.load_adapter("small", arrays_to_state(arrays))
-        result = self.server.distill(server_round)  # builds the proxy-tuned teacher (step 4) itself
+        # builds the proxy-tuned teacher (step 4) itself
+        result = self.server.distill(server_round, after_step=lambda step: kill_point("distillation", server_round))
         self._record.kd_loss, self._record.distill_seconds = result.loss, result.seconds
         self._record.kd_kl_before, self._record.kd_kl_after = result.kl_before, result.kl_after
         return state_to_arrays(self.server.adapter_state("small"))
@@ -190,14 +211,15 @@ class FedPTStrategy(FedAvg):
         if due:
             self._phase(server_round, "evaluation")
             start = time.perf_counter()
-            self._evaluate_into(record, server_round, arrays)
+            with self._server_step(server_round, "evaluation"):
+                self._evaluate_into(record, server_round, arrays)
             record.eval_seconds = time.perf_counter() - start
         record.seconds = time.perf_counter() - self._round_start if server_round > 0 else record.eval_seconds or 0.0
         self.round_log.write(record)
         if self.progress is not None:
             self.progress.round_done(record)
         if server_round > 0 and self.on_round_end is not None:
-            self.on_round_end(server_round, arrays)
+            self.on_round_end(server_round, arrays, self.strategy_state())
         scores = {k: v for k, v in (("rougeL_small", record.rougeL_small), ("rougeL_proxy", record.rougeL_proxy),
                                     ("rougeL_large", record.rougeL_large)) if v is not None}
         return MetricRecord(scores) if scores else None
@@ -218,14 +240,57 @@ class FedPTStrategy(FedAvg):
             record.rougeL_large = score("large", LocalLogitSource(server.large))
             return
         record.rougeL_small = score("small", LocalLogitSource(server.small))
+        kill_point("evaluation", server_round)
         if spec.proxy:
             # Round 0: tuned == base exactly, so the proxy IS the large model; skip 2 of 3 forwards.
             record.rougeL_proxy = (score("proxy", server.proxy_tune()) if server_round
                                    else score("large", server.large_logits()))
 
+    # -- state that must survive a restart ------------------------------------------------
+
+    @property
+    def accountant(self) -> Any:
+        """The DP aggregator's privacy accountant (None without DP)."""
+        return getattr(self.aggregator, "accountant", None)
+
+    def strategy_state(self) -> dict[str, Any]:
+        """What a checkpoint needs beyond the adapter: the privacy spent so far.
+
+        Nothing else carries over between rounds: device and distillation optimizers are fresh
+        every round, and every random draw is seeded from (run seed, round, device).
+        """
+        return {"accountant": self.accountant.state_dict()} if self.accountant is not None else {}
+
+    def load_strategy_state(self, state: dict[str, Any]) -> None:
+        if self.accountant is not None and "accountant" in state:
+            self.accountant.load_state_dict(state["accountant"])
+
+    @contextmanager
+    def _server_step(self, server_round: int, step: str) -> Iterator[None]:
+        """A failing server step fails the round with its reason; the last checkpoint stays valid."""
+        try:
+            yield
+        except FedPTError:
+            raise
+        except Exception as err:  # any library error: one line with the step and the cause
+            raise FedPTError(f"round {server_round}: {step} failed: {type(err).__name__}: "
+                             f"{str(err).splitlines()[0][:300] if str(err) else ''}") from err
+
     def _phase(self, server_round: int, phase: str) -> None:
         if self.progress is not None:
             self.progress.phase(self.spec.name, server_round, phase)
+
+
+def _timer_kill(point: str, server_round: int) -> "threading.Timer | None":
+    """``FEDPT_KILL_AT=device-training@N``: SIGKILL shortly after round N's messages go out."""
+    import os
+    import threading
+
+    if os.environ.get("FEDPT_KILL_AT") != f"{point}@{server_round}":
+        return None
+    timer = threading.Timer(0.3, kill_point, args=(point, server_round))
+    timer.daemon = True
+    return timer
 
 
 def _error_reason(message: Message) -> str | None:

@@ -51,7 +51,7 @@ def test_round_with_no_updates_fails_with_the_reason():
 
 def _broadcast(strategy, value=0.0):
     strategy._broadcast = {"0": torch.full((2, 3), value)}
-    strategy._sent = 0
+    strategy._sent = []
 
 
 def test_poisoned_and_malformed_updates_are_rejected_with_reasons():
@@ -100,3 +100,51 @@ def test_too_few_valid_updates_fail_the_round():
     _broadcast(strategy)
     with pytest.raises(FedPTError, match="round 1: 1 valid update"):
         strategy.aggregate_train(1, [_reply(1.0, 10, 1.0), _reply(float("inf"), 10, 1.0)])
+
+
+class _Grid:
+    """Just enough of a Flower Grid for ``configure_train``: three connected nodes."""
+
+    def get_node_ids(self):
+        return [11, 12, 13]
+
+
+def test_central_dp_clips_adds_noise_and_accounts_epsilon_before_distillation():
+    from flwr.app import ConfigRecord
+
+    from fedpt.config import load_config
+    from fedpt.federation.server_app import make_aggregator
+
+    def dp_round(noise: float):
+        cfg = load_config(preset="tiny", overrides=[
+            "privacy.dp='central'", f"privacy.noise_multiplier={noise}", "privacy.clipping_norm=0.5",
+            "federation.num_clients=3", "federation.clients_per_round=3"])
+        sampling = dict(fraction_train=1.0, min_train_nodes=3, min_available_nodes=3, fraction_evaluate=0.0)
+        strategy = FedPTStrategy(server=None, spec=SYSTEM_SPECS["fedavg-small"], round_log=RoundLog(None),
+                                 num_rounds=2, aggregator=make_aggregator(cfg, **sampling), **sampling)
+        zeros = ArrayRecord([np.zeros((2, 3), dtype=np.float32)])
+        sent = list(strategy.configure_train(1, zeros, ConfigRecord({}), _Grid()))
+        assert sorted(m.metadata.dst_node_id for m in sent) == [11, 12, 13]
+        # Updates of norm 10 * sqrt(6) are clipped to 0.5, then averaged uniformly (not by 10/20/30 examples).
+        replies = [_reply(10.0, n, 1.0) for n in (10, 20, 30)]
+        for reply, node in zip(replies, (11, 12, 13)):
+            reply.metadata.__dict__["_src_node_id"] = node
+        arrays, _ = strategy.aggregate_train(1, replies)
+        return arrays.to_numpy_ndarrays()[0], strategy._record, strategy
+
+    clipped, record, strategy = dp_round(noise=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(clipped), 0.5, rtol=1e-4)  # clip norm, noise ~0
+    noisy, record, strategy = dp_round(noise=1.0)
+    assert abs(np.linalg.norm(noisy - clipped)) > 0.01  # std 1 * 0.5 / 3 per entry
+    assert record.dp_delta == 1e-5 and 0 < record.dp_epsilon < float("inf")
+    # The accountant's state is what checkpoints carry: a restored strategy reports the same epsilon.
+    state = strategy.strategy_state()
+    assert set(state) == {"accountant"}
+    assert strategy.accountant.get_privacy_spent().epsilon == record.dp_epsilon
+
+
+def test_central_dp_refuses_robust_aggregation():
+    from fedpt.config import load_config
+
+    with pytest.raises(FedPTError, match="privacy.dp = 'central' averages with FedAvg"):
+        load_config(preset="tiny", overrides=["privacy.dp='central'", "federation.aggregation='median'"])

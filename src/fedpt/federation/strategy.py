@@ -14,6 +14,7 @@ Baselines are the same strategy with switches from ``fedpt.systems``: ``fedavg-s
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -92,7 +93,7 @@ class FedPTStrategy(FedAvg):
         self.max_update_norm = max_update_norm
         self.min_results = min_results
         self._broadcast: dict[str, Any] = {}
-        self._sent = 0
+        self._sent: list[int] = []  # node ids this round's messages went to
         self._record = RoundRecord(round=0, system=spec.name)
         self._round_start = time.perf_counter()
 
@@ -106,7 +107,7 @@ class FedPTStrategy(FedAvg):
         sampler = self.aggregator if self.aggregator is not None else super()
         messages = list(sampler.configure_train(server_round, arrays, config, grid))
         self._broadcast = arrays_to_state(arrays)  # what valid replies must match in keys, shapes, dtypes
-        self._sent = len(messages)
+        self._sent = [m.metadata.dst_node_id for m in messages]
         self._record.bytes_down_per_device = arrays.count_bytes()
         self._record.bytes_down = arrays.count_bytes() * len(messages)
         self._phase(server_round, f"device training ({len(messages)} devices)")
@@ -128,8 +129,8 @@ class FedPTStrategy(FedAvg):
                 problems.append(f"node {message.metadata.src_node_id}: {reason}")
             else:
                 ok.append(message)
-        if len(replies) < self._sent:
-            problems.append(f"{self._sent - len(replies)} device(s) sent no reply before the round timeout")
+        replied = {m.metadata.src_node_id for m in replies}
+        problems += [f"node {node}: no reply within the round timeout" for node in self._sent if node not in replied]
         for problem in problems:
             log(WARNING, "round %s: update not aggregated: %s", server_round, problem)
         record.clients, record.failures = len(ok), len(problems)
@@ -149,7 +150,7 @@ class FedPTStrategy(FedAvg):
             arrays, metrics = aggregate(server_round, ok)  # step 3: FedAvg (or a robust / DP variant)
         if arrays is None:
             raise FedPTError(f"round {server_round}: the aggregator returned no model "
-                             f"({len(ok)} of {self._sent} sampled devices replied)")
+                             f"({len(ok)} of {len(self._sent)} sampled devices' updates were valid)")
         if self.accountant is not None:
             spent = self.accountant.get_privacy_spent()
             record.dp_epsilon, record.dp_delta = spent.epsilon, spent.delta
@@ -294,5 +295,28 @@ def _timer_kill(point: str, server_round: int) -> "threading.Timer | None":
 
 
 def _error_reason(message: Message) -> str | None:
-    """A device that crashed or timed out comes back as an error reply."""
-    return f"error: {message.error.reason.splitlines()[0][:200]}" if message.has_error() else None
+    """A device that crashed or timed out comes back as an error reply: name its exception.
+
+    Flower wraps the device's traceback in the reason; its first ``SomeError: text`` line is
+    the root cause (e.g. ``InjectedFault: injected crash (device 3, round 2)``).
+    """
+    if not message.has_error():
+        return None
+    lines = [line.strip() for line in message.error.reason.splitlines() if line.strip()]
+    causes = [line for line in lines if _EXCEPTION_LINE.match(line)]
+    if causes:
+        cause = causes[0]  # chained tracebacks print the root cause first
+    else:  # "<class 'ray.exceptions.ActorDiedError'>:<'The actor died ...'>"
+        wrapped = _WRAPPED.match(lines[0]) if lines else None
+        cause = f"{wrapped[1].rsplit('.', 1)[-1]}: {wrapped[2]}" if wrapped else (lines[0] if lines else "unknown")
+    return f"error: {cause.rsplit('.', 1)[-1] if ': ' not in cause else _short(cause)}"[:240]
+
+
+def _short(cause: str) -> str:
+    """``fedpt.faults.InjectedFault: text`` -> ``InjectedFault: text``."""
+    name, _, text = cause.partition(": ")
+    return f"{name.rsplit('.', 1)[-1]}: {text}"
+
+
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Fault|Exit|Interrupt)\w*: ")
+_WRAPPED = re.compile(r"^<class '([\w.()]+)'>:<'(.*?)'?>?$")

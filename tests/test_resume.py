@@ -1,6 +1,17 @@
-"""Checkpoints and resume: a run stopped after a round and resumed ends exactly like an uninterrupted one."""
+"""Checkpoints and resume: a run stopped after a round and resumed ends exactly like an uninterrupted one.
+
+Kill tests: the run is a separate process sent SIGKILL (at a named point of round 2 or 3 via
+``FEDPT_KILL_AT``, or after a seeded random delay), then resumed; the final adapter and every
+round's metrics must equal an uninterrupted run's to the bit.
+"""
 
 import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -30,10 +41,97 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
     assert load_checkpoint(tmp_path / "none") is None
 
 
+KEYS = ("train_loss", "kd_loss", "kd_kl_before", "kd_kl_after", "rougeL_small", "rougeL_proxy", "bytes_up",
+        "clients", "failures")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The reference: the same 3-round run, never stopped."""
+    full = tmp_path_factory.mktemp("full")
+    assert main(["run", "--preset", "tiny", "--no-progress", "--overwrite", "--out", str(full), *FAST]) == 0
+    return full
+
+
+def assert_same_run(full, resumed_dir):
+    """Bit-identical: every round's metrics and the final adapter."""
+    rows = [json.loads(line) for line in (full / "rounds.jsonl").read_text().splitlines()]
+    resumed = [json.loads(line) for line in (resumed_dir / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in resumed] == [0, 1, 2, 3]
+    for a, b in zip(rows, resumed):
+        assert {k: a[k] for k in KEYS} == {k: b[k] for k in KEYS}, a["round"]
+    a = load_file(full / "fedpt" / "adapter" / "adapter_model.safetensors")
+    b = load_file(resumed_dir / "fedpt" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _killed_run(out, kill_at: str | None = None, delay: float | None = None) -> int:
+    """Run in a child process and SIGKILL it; returns the last checkpointed round."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    if kill_at:
+        env["FEDPT_KILL_AT"] = kill_at
+    proc = subprocess.Popen([sys.executable, "-m", "fedpt.cli", "run", "--preset", "tiny", "--no-progress",
+                             "--out", str(out), *FAST], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        if delay is not None:
+            try:
+                proc.wait(timeout=delay)
+            except subprocess.TimeoutExpired:
+                proc.kill()  # SIGKILL
+        _, err = proc.communicate(timeout=600)
+    finally:
+        try:  # Ray's helper processes outlive a SIGKILLed driver: reap its whole session
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    latest = out / "fedpt" / "checkpoints" / "latest"
+    return int(latest.read_text().split("-")[1]) if latest.is_file() else 0
+
+
 @pytest.mark.slow
-def test_resume_after_a_stop_matches_an_uninterrupted_run(tmp_path):
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    assert main(["run", "--preset", "tiny", "--no-progress", "--out", str(full), *FAST]) == 0
+@pytest.mark.parametrize("kill_at", ["device-training@2", "distillation@2", "evaluation@2", "checkpoint-write@2",
+                                     "checkpoint-publish@3"])
+def test_sigkill_at_a_named_point_then_resume_is_bit_identical(uninterrupted, tmp_path, kill_at):
+    out = tmp_path / "killed"
+    saved = _killed_run(out, kill_at=kill_at)
+    point, rnd = kill_at.split("@")
+    assert saved == int(rnd) - 1  # the round in progress was lost, the one before it kept
+    assert main(["run", "--no-progress", "--resume", str(out)]) == 0
+    assert_same_run(uninterrupted, out)
+    assert not list((out / "fedpt" / "checkpoints").glob(".round-*"))  # a torn write is cleaned up
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_times_then_resume_is_bit_identical(uninterrupted, tmp_path):
+    rng = random.Random(5)  # seeded: a failure here is reproducible
+    for attempt in range(2):
+        out = tmp_path / f"killed-{attempt}"
+        delay = rng.uniform(6.0, 16.0)  # from preflight to the last round on this machine
+        saved = _killed_run(out, delay=delay)
+        if not (out / "config.toml").is_file():
+            continue  # killed before the run directory existed: nothing to resume
+        assert main(["run", "--no-progress", "--resume", str(out)]) == 0, (delay, saved)
+        assert_same_run(uninterrupted, out)
+
+
+def test_a_failing_server_step_fails_the_round_and_the_run_resumes(uninterrupted, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "failed"
+    monkeypatch.setenv("FEDPT_FAIL_AT", "distillation@2")
+    assert main(["run", "--preset", "tiny", "--no-progress", "--out", str(out), *FAST]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(err) == 1 and err[0].startswith("error: round 2: proxy-tuning + distillation failed: InjectedFault")
+    assert err[0].endswith(f"the last checkpoint is intact: fedpt run --resume {out}")
+    assert load_checkpoint(out / "fedpt" / "checkpoints").round == 1  # the last good round is intact
+    monkeypatch.delenv("FEDPT_FAIL_AT")
+    assert main(["run", "--no-progress", "--resume", str(out)]) == 0
+    assert_same_run(uninterrupted, out)
+
+
+@pytest.mark.slow
+def test_resume_after_a_stop_matches_an_uninterrupted_run(uninterrupted, tmp_path):
+    full, cut = uninterrupted, tmp_path / "cut"
     # A run stopped after round 1 of 3: run 1 round, then make its config say 3 (as it was).
     assert main(["run", "--preset", "tiny", "--no-progress", "--out", str(cut), *FAST,
                  "--set", "federation.rounds=1"]) == 0
@@ -41,16 +139,26 @@ def test_resume_after_a_stop_matches_an_uninterrupted_run(tmp_path):
     assert config.count("rounds = 1\n") == 1
     (cut / "config.toml").write_text(config.replace("rounds = 1\n", "rounds = 3\n"))
     assert main(["run", "--no-progress", "--resume", str(cut)]) == 0
-    rows = [json.loads(line) for line in (full / "rounds.jsonl").read_text().splitlines()]
-    resumed = [json.loads(line) for line in (cut / "rounds.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in resumed] == [0, 1, 2, 3]
     # Bit-identical: replies are aggregated in a fixed order and MKL runs alignment-independent.
-    keys = ("train_loss", "kd_loss", "kd_kl_before", "kd_kl_after", "rougeL_small", "rougeL_proxy", "bytes_up")
-    for a, b in zip(rows, resumed):
-        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}, a["round"]
-    a = load_file(full / "fedpt" / "adapter" / "adapter_model.safetensors")
-    b = load_file(cut / "fedpt" / "adapter" / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_run(full, cut)
+
+
+def test_resume_refuses_a_changed_config(tmp_path, capsys):
+    from fedpt.checkpoint import config_changes
+
+    assert config_changes({"train": {"lr": 1e-3}, "federation": {"rounds": 1}},
+                          {"train": {"lr": 2e-3}, "federation": {"rounds": 3}}) == ["train.lr"]
+    from fedpt.config import load_config
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    load_config(preset="tiny", overrides=["train.lr=0.5"]).save(run_dir / "config.toml")  # edited after the fact
+    original = load_config(preset="tiny").to_dict()
+    save_checkpoint(run_dir / "fedpt" / "checkpoints", 1, {"w": torch.zeros(2)}, original)
+    before = sorted(p.name for p in run_dir.rglob("*"))
+    assert main(["run", "--no-progress", "--resume", str(run_dir)]) == 2
+    assert "written with a different config (train.lr changed)" in capsys.readouterr().err
+    assert sorted(p.name for p in run_dir.rglob("*")) == before  # nothing touched
 
 
 def test_resume_refuses_other_flags(tmp_path, capsys):

@@ -70,6 +70,8 @@ class RoundLog:
         others = [r for r in self.records if r.system != system]
         if saved is not None:
             mine = [RoundRecord(**row) for row in saved]
+        elif last_round == 0:
+            mine = []  # no checkpoint: the system starts over, round 0 included
         else:
             mine = [r for r in self.records if r.system == system and r.round <= last_round]
         self.records = others + mine

@@ -34,6 +34,18 @@ def preflight(cfg: FedPTConfig) -> tuple[dict[str, list[int]], dict[str, int]]:
     return category_histogram(partitions), {name: len(examples) for name, examples in eval_sets.items()}
 
 
+def check_resumable(cfg: FedPTConfig, out_dir: Path) -> None:
+    """Every checkpoint must load (hash checked) and come from this config (rounds may grow)."""
+    from fedpt.federation.server_app import check_same_config
+    from fedpt.checkpoint import load_checkpoint
+
+    for name in cfg.run.systems:
+        folder = out_dir / name / "checkpoints"
+        checkpoint = load_checkpoint(folder)
+        if checkpoint is not None:
+            check_same_config(checkpoint, cfg, folder)
+
+
 def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
     """An existing, non-empty run directory is only replaced when the user says ``--overwrite``."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -60,7 +72,9 @@ def run(cfg: FedPTConfig, out_dir: Path, overwrite: bool = False, verbose: bool 
     from fedpt.progress import Progress
 
     histogram, eval_sizes = preflight(cfg)
-    if not resume:
+    if resume:
+        check_resumable(cfg, out_dir)
+    else:
         prepare_out_dir(out_dir, overwrite)
         cfg.save(out_dir / "config.toml")
         write_partition_report(out_dir, histogram)

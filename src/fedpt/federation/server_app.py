@@ -38,7 +38,7 @@ def run_systems(grid: Grid, cfg: FedPTConfig, out_dir: Path | None,
         checkpoint = load_checkpoint(folder) if folder else None
         done = checkpoint.round if checkpoint else 0
         if checkpoint is not None:
-            _check_same_config(checkpoint, cfg, folder)
+            check_same_config(checkpoint, cfg, folder)
         # The checkpoint's records are the truth: rounds logged after it are redone.
         round_log.restore(name, done, checkpoint.records if checkpoint else None)
         if progress is not None and done:
@@ -106,7 +106,7 @@ def _checkpointer(folder: Path, cfg: FedPTConfig, round_log: RoundLog, system: s
     return save
 
 
-def _check_same_config(checkpoint: Checkpoint, cfg: FedPTConfig, folder: Path) -> None:
+def check_same_config(checkpoint: Checkpoint, cfg: FedPTConfig, folder: Path) -> None:
     changed = config_changes(checkpoint.config, cfg.to_dict())
     if changed:
         raise FedPTError(f"{folder} was written with a different config ({', '.join(changed[:5])} changed); "

@@ -48,11 +48,16 @@ def simulate(cfg: FedPTConfig, out_dir: Path | None, progress: Progress | None =
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
                       "logging_level": "ERROR" if not verbose else "INFO", "log_to_driver": verbose},
     }
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.num_clients,
-                   backend_config=backend_config, verbose_logging=verbose)
+    try:  # Flower re-raises the ServerApp's error here, or only logs it: catch both ways
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.num_clients,
+                       backend_config=backend_config, verbose_logging=verbose)
+    except Exception as err:
+        failure.append(err)
     resume = f"; the last checkpoint is intact: fedpt run --resume {out_dir}" if out_dir else ""
     if failure:
         err = failure[0]
+        if isinstance(err, FedPTError) and not str(err).startswith("round "):
+            raise err  # bad input found by the server (e.g. a changed config): nothing to resume
         reason = str(err) if isinstance(err, FedPTError) else f"{type(err).__name__}: {err}"
         raise FedPTError(f"{reason}{resume}") from err
     if len(records) < len(cfg.run.systems) * (cfg.federation.rounds + 1):

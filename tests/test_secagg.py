@@ -105,8 +105,8 @@ def _config(**overrides):
 def _fake_devices(monkeypatch, broadcast, sizes, bound, crash=()):
     """``tune_on_device`` replaced: device i returns broadcast + an Adam-sized random update."""
     rng = np.random.default_rng(1)
-    updates = [{k: torch.from_numpy(rng.uniform(-bound, bound, v.shape).astype(np.float32)) for k, v in broadcast.items()}
-               for _ in sizes]
+    updates = [{k: torch.from_numpy(rng.uniform(-bound, bound, v.shape).astype(np.float32))
+                for k, v in broadcast.items()} for _ in sizes]
     tuned = [{k: broadcast[k] + u[k] for k in broadcast} for u in updates]
 
     def fake_tune(cfg_json, system, server_round, adapter, context):
@@ -203,7 +203,29 @@ def test_a_device_crash_is_recovered_by_the_protocol(monkeypatch):
     assert error <= settings.error_bound(3, sum(sizes[i] for i in survivors)) + 2 * np.finfo(np.float32).eps * 0.2
     record = fedpt._record
     assert (record.clients, record.failures) == (3, 1)
-    assert record.problems == [f"node {7000 + crashed}: error: InjectedFault: injected crash (device {crashed}, round 1)"]
+    assert record.problems == [f"node {7000 + crashed}: error: InjectedFault: injected crash "
+                               f"(device {crashed}, round 1)"]
+
+
+def test_bad_updates_are_withheld_by_their_devices(monkeypatch):
+    """NaN and over-norm updates: the server cannot reject them, so their devices do not submit them."""
+    cfg = _config(**{"federation.num_clients": 5, "federation.clients_per_round": 5,
+                     "federation.max_update_norm": 1.0})
+    broadcast = _broadcast(np.random.default_rng(0))
+    sizes = [13, 40, 7, 22, 9]
+    tuned = _fake_devices(monkeypatch, broadcast, sizes, bound=cfg.train.steps * cfg.train.lr)
+    tuned[1][KEYS[0]][0, 0] = float("nan")
+    for key in KEYS:
+        tuned[3][key] += 0.5  # norm 16 > 1
+    final, fedpt, _, settings = _secagg_round(cfg, broadcast, 5, max_weight=64.0)
+    good = [0, 2, 4]
+    expected = _plain_fedavg(broadcast, [tuned[i] for i in good], [sizes[i] for i in good])
+    error = max(float((final[k].double() - expected[k].double()).abs().max()) for k in KEYS)
+    assert error <= settings.error_bound(3, sum(sizes[i] for i in good)) + 2 * np.finfo(np.float32).eps * 0.2
+    assert (fedpt._record.clients, fedpt._record.failures) == (3, 2)
+    reasons = " | ".join(fedpt._record.problems)
+    assert "node 7001: error: FedPTError: this device's update holds NaN or Inf" in reasons
+    assert "node 7003: error: FedPTError: update norm 16 exceeds federation.max_update_norm=1.0" in reasons
 
 
 def test_too_many_crashes_halt_the_round_loudly(monkeypatch):
@@ -298,3 +320,20 @@ def test_secagg_in_flowers_simulation_runtime(fedpt_home, one_thread):
     # Seeded training and seeded stochastic rounding: bit-identical to the in-process run.
     for a, b in zip(records, local):
         assert (a.train_loss, a.kd_loss, a.rougeL_sets) == (b.train_loss, b.kd_loss, b.rougeL_sets)
+
+
+def test_resume_after_a_server_failure_matches_an_uninterrupted_run(tmp_path, monkeypatch, fedpt_home, one_thread):
+    """Checkpoints work as in the plain path; seeded rounding makes the resumed run bit-identical."""
+    cfg = _config(**{"federation.rounds": 2, "run.systems": "['fedavg-small']"})
+    out = tmp_path / "run"
+    out.mkdir()
+    monkeypatch.setenv("FEDPT_FAIL_AT", "evaluation@2")
+    with pytest.raises(FedPTError, match="round 2: evaluation failed: InjectedFault"):
+        secagg.run_secagg(LocalGrid(secagg.client_app, 3), cfg, out)
+    monkeypatch.delenv("FEDPT_FAIL_AT")
+    resumed = secagg.run_secagg(LocalGrid(secagg.client_app, 3), cfg, out)
+    (tmp_path / "clean").mkdir()
+    clean = secagg.run_secagg(LocalGrid(secagg.client_app, 3), cfg, tmp_path / "clean")
+    assert [(r.round, r.clients, r.train_loss, r.rougeL_sets) for r in resumed] == \
+        [(r.round, r.clients, r.train_loss, r.rougeL_sets) for r in clean]
+    assert (out / "fedavg-small" / "adapter" / "adapter_model.safetensors").is_file()

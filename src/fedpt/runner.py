@@ -71,6 +71,9 @@ def run(cfg: FedPTConfig, out_dir: Path, overwrite: bool = False, verbose: bool 
     from fedpt.federation.simulation import simulate
     from fedpt.progress import Progress
 
+    if cfg.faults.exit:
+        raise FedPTError("faults.exit kills a Ray worker that hosts several simulated devices, and Flower's "
+                         "simulation does not restart it; use faults.crash here (exit is for real SuperNodes)")
     histogram, eval_sizes = preflight(cfg)
     if resume:
         check_resumable(cfg, out_dir)

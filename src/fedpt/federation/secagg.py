@@ -27,12 +27,14 @@ Why updates and not adapters: the quantizer needs a fixed range. An update's ent
 the optimizer (``default_clipping_range``), small and centred on 0, so a tight range loses nothing;
 the adapter's A matrices are not small and not centred.
 
-What the server can no longer do: look at one device's update. Per-update validation
-(``max_update_norm``, NaN checks), robust aggregation (median, trimmed mean, Krum) and server-side DP
-clipping all need individual updates and are refused here. What bounds a device instead: the
-quantizer's clipping (each device moves each entry of the mean by at most ``clipping_range * w_i /
-sum w``), devices report how many entries they clipped, and the *mean* update is checked (finite,
-shapes, L2 norm <= ``max_update_norm``), failing the round if it is bad.
+What the server can no longer do: look at one device's update. Robust aggregation (median, trimmed
+mean, Krum) and server-side DP clipping need individual updates and are refused
+(``check_secagg_config``). The per-update checks move to the device (``check_own_update``: NaN/Inf,
+``max_update_norm``; a failing device drops out and its masks are removed), the mod clips every
+scaled entry to ``+-clipping_range`` (devices report how many), and the server checks the *mean*
+update (shapes, finite, L2 norm <= ``max_update_norm``), a bad one failing the round. All of this
+holds for buggy devices, not malicious ones: a device can upload any integers (SecAgg+ has no range
+proofs) and corrupt the sum; the check of the mean is then the only defence.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common import (Code, FitIns, FitRes, NDArrays, Parameters, Scalar, Status, ndarrays_to_parameters,
@@ -201,16 +203,33 @@ def train(msg: Message, context: Context) -> Message:
     state, metrics = tune_on_device(str(config[CONFIG_KEY]), str(config[SYSTEM_KEY]), server_round, broadcast,
                                     context)
     update = [(state[k].double() - broadcast[k].double()).numpy() for k in keys]  # float64: exact quantizer input
+    cfg = FedPTConfig.from_json(str(config[CONFIG_KEY]))
+    check_own_update(update, cfg.federation.max_update_norm)
     scale = float(metrics[NUM_EXAMPLES_KEY]) / float(config[MAX_WEIGHT_KEY])
     clip = float(config[CLIP_KEY])
     metrics[CLIPPED_KEY] = int(sum(np.count_nonzero(np.abs(u) * scale > clip) for u in update))
     # The mod's stochastic rounding draws from numpy's global RNG right after this returns: seeding it
     # like the local training makes a SecAgg+ run reproducible (the masks use os.urandom, unaffected).
-    seed = FedPTConfig.from_json(str(config[CONFIG_KEY])).run.seed
-    np.random.seed(((seed * 1000 + server_round) * 1000 + int(context.node_config.get("partition-id", 0))) % 2**32)
+    partition_id = int(context.node_config.get("partition-id", 0))
+    np.random.seed(((cfg.run.seed * 1000 + server_round) * 1000 + partition_id) % 2**32)
     fitres = FitRes(status=Status(Code.OK, "ok"), parameters=ndarrays_to_parameters(update),
                     num_examples=int(metrics[NUM_EXAMPLES_KEY]), metrics=dict(metrics))
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+
+def check_own_update(update: NDArrays, max_update_norm: float) -> None:
+    """The server's per-update checks, done by the device on itself before masking.
+
+    The server can no longer reject one update, so a device refuses to submit a bad one: it then
+    drops out of the round and SecAgg+ removes its masks. (NaN would not even survive the mod:
+    its integer cast turns it into an arbitrary finite value that silently corrupts the sum.)
+    """
+    if not all(np.isfinite(u).all() for u in update):
+        raise FedPTError("this device's update holds NaN or Inf: not submitted")
+    norm = math.sqrt(sum(float(np.square(u).sum()) for u in update))
+    if max_update_norm and norm > max_update_norm:
+        raise FedPTError(f"update norm {norm:.3g} exceeds federation.max_update_norm={max_update_norm}: "
+                         "not submitted")
 
 
 def to_state(keys: list[str], parameters: Parameters) -> dict[str, torch.Tensor]:
@@ -312,7 +331,8 @@ class SecAggFedPT(LegacyFedAvg):
     def _check_mean_update(self, rnd: int, mean_update: NDArrays) -> None:
         """The only update the server sees is the mean: shapes, finiteness, and its norm."""
         if len(mean_update) != len(self._broadcast):
-            raise FedPTError(f"round {rnd}: SecAgg+ returned {len(mean_update)} arrays, expected {len(self._broadcast)}")
+            raise FedPTError(f"round {rnd}: SecAgg+ returned {len(mean_update)} arrays, "
+                             f"expected {len(self._broadcast)}")
         for (key, b), u in zip(self._broadcast.items(), mean_update):
             if tuple(u.shape) != tuple(b.shape):
                 raise FedPTError(f"round {rnd}: mean update of {key} has shape {tuple(u.shape)}, expected "
@@ -351,7 +371,8 @@ class StrictSecAggPlusWorkflow(SecAggPlusWorkflow):
                 reasons = "; ".join(f"node {n}: {r}" for n, r in watched.problems.items())[:300]
                 raise FedPTError(f"SecAgg+ round {rnd} of this run: secure aggregation halted at its "
                                  f"{step.__name__.replace('_', ' ')} ({len(state.active_node_ids)} device(s) left, "
-                                 f"each needs {state.threshold or '?'} live neighbours){': ' + reasons if reasons else ''}")
+                                 f"each needs {state.threshold or '?'} live neighbours)"
+                                 + (f": {reasons}" if reasons else ""))
 
 
 class WatchedGrid(Grid):
@@ -428,7 +449,7 @@ def run_secagg(grid: Grid, cfg: FedPTConfig, out_dir: Path | None, progress: Pro
     ``settings`` override ``SecAggSettings`` fields (``clipping_range``, ``num_shares``, ...).
     """
     from fedpt.checkpoint import load_checkpoint
-    from fedpt.federation.server_app import _check_same_config, _checkpointer
+    from fedpt.federation.server_app import _checkpointer, check_same_config
     from fedpt.server import ServerModels, load_splits
 
     check_secagg_config(cfg)
@@ -436,9 +457,7 @@ def run_secagg(grid: Grid, cfg: FedPTConfig, out_dir: Path | None, progress: Pro
     secagg = secagg_settings(cfg, max_weight if max_weight is not None else len(splits.train), **settings)
     server = ServerModels.load(cfg, splits, large_trainable="fedavg-large" in cfg.run.systems)
     if context is None:
-        from flwr.app import RecordDict as _RecordDict
-
-        context = Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=_RecordDict(), run_config={})
+        context = Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={})
     round_log = RoundLog(out_dir / "rounds.jsonl" if out_dir else None)
     fed = cfg.federation
     for name in cfg.run.systems:
@@ -447,7 +466,7 @@ def run_secagg(grid: Grid, cfg: FedPTConfig, out_dir: Path | None, progress: Pro
         checkpoint = load_checkpoint(folder) if folder else None
         done = checkpoint.round if checkpoint else 0
         if checkpoint is not None:
-            _check_same_config(checkpoint, cfg, folder)
+            check_same_config(checkpoint, cfg, folder)
         round_log.restore(name, done, checkpoint.records if checkpoint else None)
         if progress is not None and done:
             progress.skip(min(done, fed.rounds))
@@ -525,11 +544,18 @@ def simulate_secagg(cfg: FedPTConfig, out_dir: Path | None, progress: Progress |
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
                       "logging_level": "ERROR" if not verbose else "INFO", "log_to_driver": verbose},
     }
-    run_simulation(server_app=app, client_app=client_app, num_supernodes=cfg.federation.num_clients,
-                   backend_config=backend_config, verbose_logging=verbose)
+    try:  # Flower re-raises the ServerApp's error here, or only logs it: catch both ways
+        run_simulation(server_app=app, client_app=client_app, num_supernodes=cfg.federation.num_clients,
+                       backend_config=backend_config, verbose_logging=verbose)
+    except Exception as err:
+        failure.append(err)
+    resume = "; the last checkpoint is intact: rerun with the same out_dir to resume" if out_dir else ""
     if failure:
         err = failure[0]
-        raise FedPTError(str(err) if isinstance(err, FedPTError) else f"{type(err).__name__}: {err}") from err
+        if isinstance(err, FedPTError) and not str(err).startswith(("round ", "SecAgg+ round ")):
+            raise err  # bad input found by the server: nothing to resume
+        reason = str(err) if isinstance(err, FedPTError) else f"{type(err).__name__}: {err}"
+        raise FedPTError(f"{reason}{resume}") from err
     if len(records) < len(cfg.run.systems) * (cfg.federation.rounds + 1):
         raise FedPTError("the SecAgg+ simulation ended before all rounds finished (rerun with verbose=True)")
     return records

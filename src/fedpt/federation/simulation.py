@@ -21,9 +21,6 @@ def simulate(cfg: FedPTConfig, out_dir: Path | None, progress: Progress | None =
     from fedpt.federation.client_app import app as client_app
     from fedpt.federation.server_app import run_systems
 
-    if cfg.faults.exit:
-        raise FedPTError("faults.exit kills a Ray worker that hosts several simulated devices, and Flower's "
-                         "simulation does not restart it; use faults.crash here (exit is for real SuperNodes)")
     records: list[RoundRecord] = []
     failure: list[BaseException] = []  # the ServerApp runs in a thread: keep its error for the user
     server_app = ServerApp()

@@ -1,0 +1,92 @@
+"""Device faults injected into the Flower simulation runtime, and what a device sends."""
+
+import json
+
+import numpy as np
+import pytest
+
+from fedpt.cli import main
+from fedpt.faults import device_fault
+
+from .conftest import FAST
+
+
+def test_device_faults_are_seeded_and_follow_their_rates():
+    draws = [device_fault(7, 0.2, 0.1, 0.05, rnd, dev) for rnd in range(1, 101) for dev in range(20)]
+    assert draws == [device_fault(7, 0.2, 0.1, 0.05, rnd, dev) for rnd in range(1, 101) for dev in range(20)]
+    for name, rate in (("crash", 0.2), ("hang", 0.1), ("exit", 0.05)):
+        assert abs(draws.count(name) / len(draws) - rate) < 0.02, name
+    assert device_fault(7, 0.0, 0.0, 0.0, 1, 0) is None
+
+
+@pytest.mark.slow
+def test_a_run_with_30_percent_of_devices_failing_every_round_completes(tmp_path):
+    """Injected: 10 devices, 2 rounds; seed 0 crashes 2 and hangs 1 device (past the timeout) per round."""
+    out = tmp_path / "faulty"
+    faults = {rnd: {dev: device_fault(0, 0.2, 0.1, 0.0, rnd, dev) for dev in range(10)} for rnd in (1, 2)}
+    assert all(sum(f is not None for f in per.values()) == 3 for per in faults.values())  # 30% each round
+    assert main(["run", "--preset", "tiny", "--no-progress", "--out", str(out), *FAST,
+                 "--set", "run.systems=['fedpt']", "--set", "federation.num_clients=10",
+                 "--set", "federation.clients_per_round=10", "--set", "federation.min_results=5",
+                 "--set", "federation.round_timeout=20", "--set", "faults.crash=0.2", "--set", "faults.hang=0.1",
+                 "--set", "faults.hang_seconds=22"]) == 0
+    rows = {r["round"]: r for r in map(json.loads, (out / "rounds.jsonl").read_text().splitlines())}
+    assert sorted(rows) == [0, 1, 2]
+    for rnd in (1, 2):
+        row, injected = rows[rnd], faults[rnd]
+        crashed = {f"InjectedFault: injected crash (device {dev}, round {rnd})"
+                   for dev, fault in injected.items() if fault == "crash"}
+        reported = {p.split("error: ", 1)[1] for p in row["problems"] if "error: " in p}
+        assert reported == crashed  # each crash logged with who and why
+        hung = sum(fault == "hang" for fault in injected.values())
+        assert sum("no reply within the round timeout" in p for p in row["problems"]) >= hung
+        assert row["clients"] + row["failures"] == 10 and row["failures"] >= 3
+        assert row["clients"] >= 5 and row["train_loss"] > 0 and row["rougeL_proxy"] is not None
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["systems"]["fedpt"]["final"]["round"] == 2
+
+
+def test_faults_exit_is_refused_in_the_simulation(tmp_path, capsys):
+    assert main(["run", "--preset", "tiny", "--no-progress", "--out", str(tmp_path / "x"), *FAST,
+                 "--set", "faults.exit=0.1"]) == 2
+    assert "faults.exit kills a Ray worker" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # refused before anything was written
+
+
+def test_a_device_sends_only_its_adapter_and_counts(tiny_cfg, fedpt_home):
+    """The reply of a real ClientApp call: one ArrayRecord with exactly the adapter tensors
+    it received (same names and shapes), numeric metrics from a fixed list, nothing else."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedpt.federation.client_app import app, device_model
+    from fedpt.federation.records import train_config
+    from fedpt.models.lora import get_adapter_state
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    cfg = tiny_cfg
+    cfg.train.steps = 1
+    model, _ = device_model(cfg.model.small, cfg.model.dtype, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout,
+                            tuple(cfg.lora.targets))
+    adapter = get_adapter_state(model)
+    config = train_config(cfg, "fedpt")
+    config["server-round"] = 1
+    msg = Message(content=RecordDict({"arrays": ArrayRecord(adapter), "config": config}), dst_node_id=0,
+                  message_type="train")
+    context = Context(run_id=1, node_id=0, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
+                      run_config={})
+    reply = app(msg, context)
+    assert not reply.has_error()
+    content = reply.content
+    assert set(content.array_records) == {"arrays"} and not content.config_records
+    assert set(content.metric_records) == {"metrics"}
+    sent = content["arrays"].to_torch_state_dict()
+    assert sent.keys() == adapter.keys() and all("lora_" in k for k in sent)
+    assert all(sent[k].shape == adapter[k].shape for k in sent)
+    metrics = dict(content["metrics"])
+    assert set(metrics) == {"num-examples", "train_loss", "train_last_loss", "train_tokens", "train_seconds",
+                            "peak_rss_bytes"}
+    assert all(isinstance(v, (int, float)) and np.isfinite(v) for v in metrics.values())
+    # The bytes on the wire are the adapter's (plus a ~100-byte header per tensor): no data rides along.
+    tensor_bytes = sum(t.numel() * t.element_size() for t in adapter.values())
+    assert tensor_bytes < content["arrays"].count_bytes() <= tensor_bytes + 128 * len(adapter)

@@ -87,6 +87,6 @@ def test_a_device_sends_only_its_adapter_and_counts(tiny_cfg, fedpt_home):
     assert set(metrics) == {"num-examples", "train_loss", "train_last_loss", "train_tokens", "train_seconds",
                             "peak_rss_bytes"}
     assert all(isinstance(v, (int, float)) and np.isfinite(v) for v in metrics.values())
-    # The bytes on the wire are the adapter's (plus a ~100-byte header per tensor): no data rides along.
+    # The bytes on the wire are the adapter's (plus its name and an npy header per tensor): no data rides along.
     tensor_bytes = sum(t.numel() * t.element_size() for t in adapter.values())
-    assert tensor_bytes < content["arrays"].count_bytes() <= tensor_bytes + 128 * len(adapter)
+    assert tensor_bytes < content["arrays"].count_bytes() <= tensor_bytes + 256 * len(adapter)

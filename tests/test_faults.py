@@ -1,4 +1,4 @@
-"""Device faults injected into the Flower simulation runtime, and what a device sends."""
+"""Device faults injected into the Flower simulation runtime, what a device sends, central DP end to end."""
 
 import json
 
@@ -90,3 +90,17 @@ def test_a_device_sends_only_its_adapter_and_counts(tiny_cfg, fedpt_home):
     # The bytes on the wire are the adapter's (plus its name and an npy header per tensor): no data rides along.
     tensor_bytes = sum(t.numel() * t.element_size() for t in adapter.values())
     assert tensor_bytes < content["arrays"].count_bytes() <= tensor_bytes + 256 * len(adapter)
+
+
+@pytest.mark.slow
+def test_central_dp_run_reports_epsilon_per_round_and_in_the_summary(tmp_path, capsys):
+    out = tmp_path / "dp"
+    assert main(["run", "--preset", "tiny", "--no-progress", "--out", str(out), *FAST,
+                 "--set", "run.systems=['fedpt']", "--set", "privacy.dp='central'",
+                 "--set", "privacy.noise_multiplier=1.0", "--set", "privacy.clipping_norm=0.1"]) == 0
+    rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    eps = [r["dp_epsilon"] for r in rows]
+    assert eps[0] is None and 0 < eps[1] < eps[2]  # privacy loss composes over rounds
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["privacy"]["epsilon"] == {"fedpt": eps[2]} and summary["privacy"]["delta"] == 1e-5
+    assert f"epsilon fedpt {eps[2]:.2f} at delta 1e-05" in capsys.readouterr().out

@@ -232,7 +232,9 @@ def test_too_many_crashes_halt_the_round_loudly(monkeypatch):
     cfg = _config()
     broadcast = _broadcast(np.random.default_rng(0))
     _fake_devices(monkeypatch, broadcast, [5, 5, 5], bound=1e-3, crash=(0, 1))
-    with pytest.raises(FedPTError, match="secure aggregation halted at its collect masked vectors stage"):
+    halted = (r"round 1: secure aggregation halted at its collect masked vectors stage \(1 device\(s\) left, "
+              r"each needs 2 live neighbours\): node 7000: error: RuntimeError: device 0 ran out")
+    with pytest.raises(FedPTError, match=halted):
         _secagg_round(cfg, broadcast, 3, max_weight=64.0)
 
 

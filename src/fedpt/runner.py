@@ -140,11 +140,22 @@ def write_summary(out_dir: Path, cfg: FedPTConfig, records: list[RoundRecord], e
         "eval_protocol": protocol_name(cfg.eval),
         "prompt_template": cfg.data.template,
         "eval_sets": eval_sizes,
+        "privacy": _privacy_summary(cfg, systems),
         "wall_seconds": wall_seconds,
         "peak_memory_bytes": peak_memory_bytes,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _privacy_summary(cfg: FedPTConfig, systems: dict) -> dict:
+    """The DP settings and, per system, the epsilon spent by its last round (RDP accountant)."""
+    privacy = cfg.privacy
+    if privacy.dp == "off":
+        return {"dp": "off"}
+    spent = {name: (info["final"] or {}).get("dp_epsilon") for name, info in systems.items()}
+    return {"dp": privacy.dp, "noise_multiplier": privacy.noise_multiplier, "clipping_norm": privacy.clipping_norm,
+            "delta": privacy.delta, "epsilon": spent}
 
 
 def format_table(summary: dict) -> str:
@@ -163,4 +174,9 @@ def format_table(summary: dict) -> str:
             lines.append(f"{name:<14}{set_name:<16}{cell(before.get('small'))}{cell(before.get('large'))}"
                          f"{cell(after.get('small'))}{cell(after.get('proxy'))}{cell(after.get('large'))}")
     lines.append("small = tuned small LM; proxy = large LM proxy-tuned by it; large = large LM tuned directly")
+    privacy = summary.get("privacy", {})
+    if privacy.get("dp", "off") != "off":
+        eps = ", ".join(f"{name} {e:.2f}" if e is not None else f"{name} -" for name, e in privacy["epsilon"].items())
+        lines.append(f"central DP (noise {privacy['noise_multiplier']}, clip {privacy['clipping_norm']}): "
+                     f"epsilon {eps} at delta {privacy['delta']:g}")
     return "\n".join(lines)

@@ -367,9 +367,11 @@ class StrictSecAggPlusWorkflow(SecAggPlusWorkflow):
         state = WorkflowState()
         for step in (self.setup_stage, self.share_keys_stage, self.collect_masked_vectors_stage, self.unmask_stage):
             if not step(watched, context, state):
-                rnd = context.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND]
+                rnd = int(context.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND])
+                if isinstance(context.strategy, SecAggFedPT):
+                    rnd += context.strategy.fedpt.first_round
                 reasons = "; ".join(f"node {n}: {r}" for n, r in watched.problems.items())[:300]
-                raise FedPTError(f"SecAgg+ round {rnd} of this run: secure aggregation halted at its "
+                raise FedPTError(f"round {rnd}: secure aggregation halted at its "
                                  f"{step.__name__.replace('_', ' ')} ({len(state.active_node_ids)} device(s) left, "
                                  f"each needs {state.threshold or '?'} live neighbours)"
                                  + (f": {reasons}" if reasons else ""))
@@ -552,7 +554,7 @@ def simulate_secagg(cfg: FedPTConfig, out_dir: Path | None, progress: Progress |
     resume = "; the last checkpoint is intact: rerun with the same out_dir to resume" if out_dir else ""
     if failure:
         err = failure[0]
-        if isinstance(err, FedPTError) and not str(err).startswith(("round ", "SecAgg+ round ")):
+        if isinstance(err, FedPTError) and not str(err).startswith("round "):
             raise err  # bad input found by the server: nothing to resume
         reason = str(err) if isinstance(err, FedPTError) else f"{type(err).__name__}: {err}"
         raise FedPTError(f"{reason}{resume}") from err

@@ -28,6 +28,8 @@ class RoundRecord:
     clients: int = 0  # replies aggregated
     failures: int = 0  # replies not aggregated: device errors/timeouts and rejected updates
     problems: list[str] = field(default_factory=list)  # why, per device
+    update_norm_median: float | None = None  # L2 distance of valid updates to the broadcast adapter ...
+    update_norm_max: float | None = None  # ... (before any DP clipping): guides privacy.clipping_norm
     bytes_down: int = 0  # server -> devices, all devices
     bytes_up: int = 0  # devices -> server, all devices
     bytes_down_per_device: int = 0

@@ -94,6 +94,7 @@ class FedPTStrategy(FedAvg):
         self.min_results = min_results
         self._broadcast: dict[str, Any] = {}
         self._sent: list[int] = []  # node ids this round's messages went to
+        self._norms: list[float] = []
         self._record = RoundRecord(round=0, system=spec.name)
         self._round_start = time.perf_counter()
 
@@ -123,6 +124,7 @@ class FedPTStrategy(FedAvg):
         replies = list(replies)
         record = self._record
         ok, problems = [], []
+        self._norms = []  # L2 norms of the valid updates (to choose a DP clip or a norm bound)
         for message in replies:
             reason = _error_reason(message) or self.check_update(message)
             if reason:
@@ -134,6 +136,9 @@ class FedPTStrategy(FedAvg):
         for problem in problems:
             log(WARNING, "round %s: update not aggregated: %s", server_round, problem)
         record.clients, record.failures = len(ok), len(problems)
+        if self._norms:
+            record.update_norm_max = max(self._norms)
+            record.update_norm_median = sorted(self._norms)[len(self._norms) // 2]
         record.problems = problems
         if len(ok) < self.min_results:
             raise FedPTError(f"round {server_round}: {len(ok)} valid update(s), {self.min_results} needed "
@@ -189,6 +194,7 @@ class FedPTStrategy(FedAvg):
             distance += float((value.double() - expected.double()).pow(2).sum())
         if self.max_update_norm and distance**0.5 > self.max_update_norm:
             return f"update norm {distance**0.5:.3g} exceeds federation.max_update_norm={self.max_update_norm}"
+        self._norms.append(distance**0.5)
         return None
 
     def proxy_tune_and_distill(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:

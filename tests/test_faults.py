@@ -56,10 +56,11 @@ def test_faults_exit_is_refused_in_the_simulation(tmp_path, capsys):
 def test_a_device_sends_only_its_adapter_and_counts(tiny_cfg, fedpt_home):
     """The reply of a real ClientApp call: one ArrayRecord with exactly the adapter tensors
     it received (same names and shapes), numeric metrics from a fixed list, nothing else."""
-    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.app import ArrayRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedpt.federation.client_app import app, device_model
+    from fedpt.federation.client_app import app
+    from fedpt.federation.device import device_model
     from fedpt.federation.records import train_config
     from fedpt.models.lora import get_adapter_state
 

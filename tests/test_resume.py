@@ -11,7 +11,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch

@@ -17,6 +17,8 @@ from flwr.supercore.run import Run
 
 from fedpt.errors import FedPTError
 from fedpt.federation import secagg
+from fedpt.federation.client_app import app as client_app
+from fedpt.federation.server_app import run_systems
 from fedpt.federation.records import state_to_arrays
 from fedpt.federation.strategy import FedPTStrategy
 from fedpt.metrics import RoundLog
@@ -137,7 +139,7 @@ def _secagg_round(cfg, broadcast, num_nodes, system="fedavg-small", **settings):
     """One SecAgg+ round of ``system`` on a LocalGrid; evaluation is stubbed (no server models)."""
     fedpt = FedPTStrategy(server=None, spec=SYSTEM_SPECS[system], round_log=RoundLog(None), num_rounds=1)
     fedpt._evaluate_into = lambda record, server_round, arrays: None
-    grid = LocalGrid(secagg.client_app, num_nodes)
+    grid = LocalGrid(client_app, num_nodes)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
     settings = secagg.secagg_settings(cfg, **settings)
     final = secagg.run_secagg_system(grid, context, fedpt, cfg, system, broadcast, settings, num_rounds=1)
@@ -243,7 +245,7 @@ def test_incompatible_settings_are_refused():
                              ({"privacy.dp": "'central'"}, "secure aggregation hides"),
                              ({"federation.clients_per_round": 1}, "at least 2 devices")):
         with pytest.raises(FedPTError, match=match):
-            secagg.check_secagg_config(_config(**overrides))
+            _config(**{"federation.secure_aggregation": "true", **overrides})
 
 
 @pytest.fixture
@@ -256,7 +258,7 @@ def one_thread():
 
 
 def _e2e_config():
-    return _config(**{"federation.rounds": 1, "run.systems": "['fedpt']"})
+    return _config(**{"federation.rounds": 1, "run.systems": "['fedpt']", "federation.secure_aggregation": "true"})
 
 
 def test_one_fedpt_round_end_to_end(monkeypatch, fedpt_home, one_thread):
@@ -265,9 +267,6 @@ def test_one_fedpt_round_end_to_end(monkeypatch, fedpt_home, one_thread):
     Then the same round through the plain message-API path (``run_systems``, same in-process Grid):
     the records must agree -- the devices train identically and the adapters differ by ~1e-10.
     """
-    from fedpt.federation.client_app import app as plain_client_app
-    from fedpt.federation.server_app import run_systems
-
     cfg = _e2e_config()
     seen: dict[str, object] = {}
     real_aggregate = secagg.SecAggFedPT.aggregate_fit
@@ -286,7 +285,7 @@ def test_one_fedpt_round_end_to_end(monkeypatch, fedpt_home, one_thread):
 
     monkeypatch.setattr(secagg, "tune_on_device", spy_tune)
     monkeypatch.setattr(secagg.SecAggFedPT, "aggregate_fit", spy_aggregate)
-    records = secagg.run_secagg(LocalGrid(secagg.client_app, 3), cfg, out_dir=None)
+    records = run_systems(LocalGrid(client_app, 3), cfg, out_dir=None)
 
     assert [(r.system, r.round) for r in records] == [("fedpt", 0), ("fedpt", 1)]
     last = records[-1]
@@ -303,7 +302,8 @@ def test_one_fedpt_round_end_to_end(monkeypatch, fedpt_home, one_thread):
     assert 0 < largest < settings.clipping_range
     assert error <= settings.error_bound(3, sum(sizes)) + 1e-12
 
-    plain = run_systems(LocalGrid(plain_client_app, 3), cfg, None)
+    cfg.federation.secure_aggregation = False
+    plain = run_systems(LocalGrid(client_app, 3), cfg, None)
     assert [(r.system, r.round) for r in plain] == [("fedpt", 0), ("fedpt", 1)]
     assert plain[1].train_loss == pytest.approx(last.train_loss, rel=1e-12)  # same broadcast, same seeds
     assert plain[1].kd_kl_before == pytest.approx(last.kd_kl_before, rel=1e-4)
@@ -316,8 +316,10 @@ def test_secagg_in_flowers_simulation_runtime(fedpt_home, one_thread):
     """Ray actors as devices: the mod's state survives the four stages; same records as in-process."""
     cfg = _e2e_config()
     cfg.run.threads = 1
-    records = secagg.simulate_secagg(cfg, out_dir=None)
-    local = secagg.run_secagg(LocalGrid(secagg.client_app, 3), cfg, out_dir=None)
+    from fedpt.federation.simulation import simulate
+
+    records = simulate(cfg, out_dir=None)
+    local = run_systems(LocalGrid(client_app, 3), cfg, out_dir=None)
     assert [(r.round, r.clients, r.failures) for r in records] == [(0, 0, 0), (1, 3, 0)]
     # Seeded training and seeded stochastic rounding: bit-identical to the in-process run.
     for a, b in zip(records, local):
@@ -326,16 +328,16 @@ def test_secagg_in_flowers_simulation_runtime(fedpt_home, one_thread):
 
 def test_resume_after_a_server_failure_matches_an_uninterrupted_run(tmp_path, monkeypatch, fedpt_home, one_thread):
     """Checkpoints work as in the plain path; seeded rounding makes the resumed run bit-identical."""
-    cfg = _config(**{"federation.rounds": 2, "run.systems": "['fedavg-small']"})
+    cfg = _config(**{"federation.rounds": 2, "run.systems": "['fedavg-small']", "federation.secure_aggregation": "true"})
     out = tmp_path / "run"
     out.mkdir()
     monkeypatch.setenv("FEDPT_FAIL_AT", "evaluation@2")
     with pytest.raises(FedPTError, match="round 2: evaluation failed: InjectedFault"):
-        secagg.run_secagg(LocalGrid(secagg.client_app, 3), cfg, out)
+        run_systems(LocalGrid(client_app, 3), cfg, out)
     monkeypatch.delenv("FEDPT_FAIL_AT")
-    resumed = secagg.run_secagg(LocalGrid(secagg.client_app, 3), cfg, out)
+    resumed = run_systems(LocalGrid(client_app, 3), cfg, out)
     (tmp_path / "clean").mkdir()
-    clean = secagg.run_secagg(LocalGrid(secagg.client_app, 3), cfg, tmp_path / "clean")
+    clean = run_systems(LocalGrid(client_app, 3), cfg, tmp_path / "clean")
     assert [(r.round, r.clients, r.train_loss, r.rougeL_sets) for r in resumed] == \
         [(r.round, r.clients, r.train_loss, r.rougeL_sets) for r in clean]
     assert (out / "fedavg-small" / "adapter" / "adapter_model.safetensors").is_file()

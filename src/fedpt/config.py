@@ -108,6 +108,8 @@ class FederationConfig:
     trim_beta: float = 0.2  # trimmed-mean: fraction cut at each end
     krum_malicious: int = 0  # krum: assumed number of malicious devices
     max_update_norm: float = 0.0  # reject an update whose L2 distance to the broadcast exceeds this (0 = off)
+    secure_aggregation: bool = False  # SecAgg+: the server sees only the sum of the updates (fedpt.federation.secagg)
+    secagg_max_weight: float = 0.0  # SecAgg+: bound on a device's example count (0 = size of the device split)
 
     def validate(self) -> None:
         _check_positive("federation.num_clients", self.num_clients)
@@ -118,6 +120,7 @@ class FederationConfig:
         _check_range("federation.trim_beta", self.trim_beta, 0.0, 0.5, hi_open=True)
         _check_range("federation.krum_malicious", self.krum_malicious, 0, 10**6)
         _check_range("federation.max_update_norm", self.max_update_norm, 0.0, float("inf"))
+        _check_range("federation.secagg_max_weight", self.secagg_max_weight, 0.0, float("inf"))
         if not 1 <= self.min_results <= self.clients_per_round:
             raise FedPTError(f"federation.min_results must be between 1 and clients_per_round "
                              f"({self.clients_per_round}), got {self.min_results}")
@@ -286,6 +289,16 @@ class FedPTConfig:
     def validate(self) -> "FedPTConfig":
         for section in dataclasses.fields(self):
             getattr(self, section.name).validate()
+        fed = self.federation
+        if fed.secure_aggregation:  # the server sees only the sum: nothing that needs single updates
+            if fed.aggregation != "fedavg":
+                raise FedPTError(f"federation.aggregation={fed.aggregation!r} needs each device's update; under "
+                                 "secure aggregation the server only sees their sum: use 'fedavg'")
+            if self.privacy.dp != "off":
+                raise FedPTError("privacy.dp='central' clips each device's update on the server, which secure "
+                                 "aggregation hides: turn one of them off")
+            if fed.clients_per_round < 2:
+                raise FedPTError("secure aggregation needs at least 2 devices per round (federation.clients_per_round)")
         if self.privacy.dp == "central" and self.federation.aggregation != "fedavg":
             raise FedPTError("privacy.dp = 'central' averages with FedAvg (its noise is calibrated to the mean); "
                              f"set federation.aggregation = 'fedavg', not '{self.federation.aggregation}'")

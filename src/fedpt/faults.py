@@ -60,7 +60,8 @@ def inject_device_faults(msg: Message, context: Context,
     from fedpt.config import FedPTConfig
     from fedpt.federation.records import CONFIG_KEY
 
-    config = msg.content.config_records.get("config")
+    records = msg.content.config_records  # message API: "config"; SecAgg+'s training stage: "fitins.config"
+    config = records.get("config") or records.get("fitins.config")
     if config is None or CONFIG_KEY not in config:
         return call_next(msg, context)
     faults = FedPTConfig.from_json(str(config[CONFIG_KEY])).faults

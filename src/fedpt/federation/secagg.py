@@ -2,9 +2,11 @@
 
 Flower 1.42 ships SecAgg+ for its *legacy* API only: ``SecAggPlusWorkflow`` runs inside
 ``DefaultWorkflow`` on a ``LegacyContext`` with a legacy ``flwr.server.strategy.Strategy``, and the
-device side is the client mod ``secaggplus_mod``. So this module is a second, legacy path through the
-same FedPT round; what it reuses is ``FedPTStrategy`` (proxy-tuning + distillation, evaluation, round
-records, checkpoints) and ``tune_on_device`` (local LoRA tuning).
+device side is the client mod ``secaggplus_mod``. With ``federation.secure_aggregation = true``,
+``server_app.run_systems`` drives each system's rounds through ``run_secagg_system`` (this legacy
+workflow) instead of ``FedPTStrategy.start``; everything else is shared: ``FedPTStrategy`` does the
+proxy-tuning + distillation, evaluation, round records and checkpoints, the one ClientApp
+(``client_app.app``) answers both message formats, ``tune_on_device`` tunes.
 
 How one round goes (four message exchanges per round instead of one):
 
@@ -28,8 +30,8 @@ the optimizer (``default_clipping_range``), small and centred on 0, so a tight r
 the adapter's A matrices are not small and not centred.
 
 What the server can no longer do: look at one device's update. Robust aggregation (median, trimmed
-mean, Krum) and server-side DP clipping need individual updates and are refused
-(``check_secagg_config``). The per-update checks move to the device (``check_own_update``: NaN/Inf,
+mean, Krum) and server-side DP clipping need individual updates and are refused by the config's
+validation. The per-update checks move to the device (``check_own_update``: NaN/Inf,
 ``max_update_norm``; a failing device drops out and its masks are removed), the mod clips every
 scaled entry to ``+-clipping_range`` (devices report how many), and the server checks the *mean*
 update (shapes, finite, L2 norm <= ``max_update_norm``), a bad one failing the round. All of this
@@ -40,20 +42,17 @@ proofs) and corrupt the sum; the check of the mean is then the only defence.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from logging import WARNING
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Message
 from flwr.client.mod import secaggplus_mod
-from flwr.clientapp import ClientApp
 from flwr.common import (Code, FitIns, FitRes, NDArrays, Parameters, Scalar, Status, ndarrays_to_parameters,
                          parameters_to_ndarrays)
 from flwr.common.logger import log
@@ -68,17 +67,14 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
-from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp import Grid
 
 from fedpt.config import FedPTConfig, TrainConfig
 from fedpt.errors import FedPTError
-from fedpt.faults import inject_device_faults
-from fedpt.federation.client_app import tune_on_device
+from fedpt.federation.device import tune_on_device
 from fedpt.federation.records import CONFIG_KEY, NUM_EXAMPLES_KEY, SYSTEM_KEY, state_to_arrays
 from fedpt.federation.strategy import FedPTStrategy, _error_reason
-from fedpt.metrics import RoundLog, RoundRecord
-from fedpt.progress import Progress
-from fedpt.systems import SYSTEM_SPECS, SystemSpec
+from fedpt.metrics import RoundRecord
 
 ADAPTER_KEYS_KEY = "fedpt-adapter-keys"  # legacy Parameters have no names: the state-dict keys, "\n"-joined
 CLIP_KEY = "fedpt-secagg-clip"  # the devices count the entries the quantizer will clip ...
@@ -157,43 +153,19 @@ def secagg_settings(cfg: FedPTConfig, max_weight: float, **overrides: Any) -> Se
     return settings
 
 
-def check_secagg_config(cfg: FedPTConfig) -> None:
-    """What SecAgg+ cannot be combined with, refused before anything runs."""
-    fed = cfg.federation
-    if fed.aggregation != "fedavg":
-        raise FedPTError(f"federation.aggregation={fed.aggregation!r} needs each device's update; under secure "
-                         "aggregation the server only sees their sum: use 'fedavg'")
-    if cfg.privacy.dp != "off":
-        raise FedPTError("privacy.dp='central' clips each device's update on the server, which secure "
-                         "aggregation hides: turn one of them off")
-    if fed.clients_per_round < 2:
-        raise FedPTError("secure aggregation needs at least 2 devices per round (federation.clients_per_round)")
-
-
 # -- device side ---------------------------------------------------------------------------------------
 
-def legacy_device_faults(msg: Message, context: Context, call_next: Any) -> Message:
-    """``inject_device_faults`` (``[faults]``) for legacy messages: it reads the message-API ``config``
-    record, which the legacy format calls ``fitins.config``; aliased for the call, removed before training."""
-    records = msg.content.config_records
-    if "fitins.config" not in records or "config" in records:
-        return call_next(msg, context)
-    records["config"] = records["fitins.config"]
-
-    def proceed(message: Message, ctx: Context) -> Message:
-        del message.content.config_records["config"]
-        return call_next(message, ctx)
-
-    return inject_device_faults(msg, context, proceed)
+LEGACY_FIT_KEY = "fitins.parameters"  # the broadcast, as SecAgg+'s training stage delivers it
 
 
-# secaggplus_mod outermost: it runs the key-agreement and unmask stages itself and calls through
-# (faults, then ``train``) only in the stage that collects the masked vectors.
-client_app = ClientApp(mods=[secaggplus_mod, legacy_device_faults])
+def optional_secagg(msg: Message, context: Context, call_next: Any) -> Message:
+    """``secaggplus_mod`` for messages of the SecAgg+ protocol; every other message passes through."""
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
 
 
-@client_app.train()
-def train(msg: Message, context: Context) -> Message:
+def train_masked(msg: Message, context: Context) -> Message:
     """Step 2 under SecAgg+: legacy ``fitins`` in, the adapter *update* out as ``fitres`` (the mod masks it)."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     config = fitins.config
@@ -439,125 +411,3 @@ def run_secagg_system(grid: Grid, context: Context, fedpt: FedPTStrategy, cfg: F
     DefaultWorkflow(fit_workflow=workflow)(grid, legacy)
     final = compat.arrayrecord_to_parameters(legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True)
     return to_state(keys, final)
-
-
-def run_secagg(grid: Grid, cfg: FedPTConfig, out_dir: Path | None, progress: Progress | None = None,
-               context: Context | None = None, max_weight: float | None = None,
-               **settings: Any) -> list[RoundRecord]:
-    """``run_systems`` under SecAgg+: every system of ``cfg.run.systems``, checkpoints and resume included.
-
-    ``max_weight`` bounds any device's ``num_examples``; default: the size of the training split (every
-    simulated partition is a subset of it). Give it for deployments whose devices bring their own data.
-    ``settings`` override ``SecAggSettings`` fields (``clipping_range``, ``num_shares``, ...).
-    """
-    from fedpt.checkpoint import load_checkpoint
-    from fedpt.federation.server_app import _checkpointer, check_same_config
-    from fedpt.server import ServerModels, load_splits
-
-    check_secagg_config(cfg)
-    splits = load_splits(cfg)
-    secagg = secagg_settings(cfg, max_weight if max_weight is not None else len(splits.train), **settings)
-    server = ServerModels.load(cfg, splits, large_trainable="fedavg-large" in cfg.run.systems)
-    if context is None:
-        context = Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    round_log = RoundLog(out_dir / "rounds.jsonl" if out_dir else None)
-    fed = cfg.federation
-    for name in cfg.run.systems:
-        spec: SystemSpec = SYSTEM_SPECS[name]
-        folder = out_dir / name / "checkpoints" if out_dir else None
-        checkpoint = load_checkpoint(folder) if folder else None
-        done = checkpoint.round if checkpoint else 0
-        if checkpoint is not None:
-            check_same_config(checkpoint, cfg, folder)
-        round_log.restore(name, done, checkpoint.records if checkpoint else None)
-        if progress is not None and done:
-            progress.skip(min(done, fed.rounds))
-        if done >= fed.rounds:
-            final = checkpoint.adapter
-        else:
-            fedpt = FedPTStrategy(server, spec, round_log, num_rounds=fed.rounds, eval_every=cfg.eval.every,
-                                  progress=progress, first_round=done,
-                                  on_round_end=_checkpointer(folder, cfg, round_log, name) if folder else None,
-                                  max_update_norm=fed.max_update_norm, min_results=fed.min_results)
-            initial = checkpoint.adapter if checkpoint else server.initial_adapter(spec.device_model)
-            final = run_secagg_system(grid, context, fedpt, cfg, name, initial, secagg, fed.rounds - done)
-        if out_dir is not None:
-            server.load_adapter(spec.device_model, final)
-            server.model(spec.device_model).save_pretrained(out_dir / name / "adapter")
-    return round_log.records
-
-
-# -- entry points --------------------------------------------------------------------------------------
-
-server_app = ServerApp()
-
-
-@server_app.main()
-def main(grid: Grid, context: Context) -> None:
-    """``flwr run .`` with ``serverapp = "fedpt.federation.secagg:server_app"`` and
-    ``clientapp = "fedpt.federation.secagg:client_app"``; run config as for ``server_app.app``."""
-    from fedpt.config import load_config
-    from fedpt.runner import prepare_out_dir, write_summary
-    from fedpt.server import load_eval_sets, load_splits
-
-    run_config = context.run_config
-    path = str(run_config.get("config-file", "")) or None
-    cfg = load_config(path=path, preset=None if path else str(run_config.get("preset", "tiny")))
-    systems = [s.strip() for s in str(run_config.get("systems", "")).split(",") if s.strip()]
-    if systems:
-        cfg.run.systems = systems
-        cfg.validate()
-    out_dir = Path(str(run_config.get("out", "runs/flwr-secagg"))).resolve()
-    prepare_out_dir(out_dir, overwrite=bool(run_config.get("overwrite", False)))
-    cfg.save(out_dir / "config.toml")
-    max_weight = float(run_config["secagg-max-weight"]) if "secagg-max-weight" in run_config else None
-    records = run_secagg(grid, cfg, out_dir, Progress(cfg.run.systems, cfg.federation.rounds), context=context,
-                         max_weight=max_weight)
-    eval_sizes = {name: len(examples) for name, examples in load_eval_sets(cfg, load_splits(cfg)).items()}
-    write_summary(out_dir, cfg, records, eval_sizes, wall_seconds=None, peak_memory_bytes=None)
-
-
-def simulate_secagg(cfg: FedPTConfig, out_dir: Path | None, progress: Progress | None = None,
-                    verbose: bool = False, **settings: Any) -> list[RoundRecord]:
-    """``fedpt.federation.simulation.simulate`` with the SecAgg+ apps (same Ray backend settings)."""
-    import logging
-
-    from flwr.simulation import run_simulation
-
-    check_secagg_config(cfg)
-    records: list[RoundRecord] = []
-    failure: list[BaseException] = []
-    app = ServerApp()
-
-    @app.main()
-    def _main(grid: Grid, context: Context) -> None:
-        try:
-            records.extend(run_secagg(grid, cfg, out_dir, progress, context=context, **settings))
-        except BaseException as err:
-            failure.append(err)
-            raise
-
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
-    if not verbose:
-        logging.getLogger("flwr").setLevel(logging.ERROR)
-    backend_config = {
-        "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": 0.0},
-        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
-                      "logging_level": "ERROR" if not verbose else "INFO", "log_to_driver": verbose},
-    }
-    try:  # Flower re-raises the ServerApp's error here, or only logs it: catch both ways
-        run_simulation(server_app=app, client_app=client_app, num_supernodes=cfg.federation.num_clients,
-                       backend_config=backend_config, verbose_logging=verbose)
-    except Exception as err:
-        failure.append(err)
-    resume = "; the last checkpoint is intact: rerun with the same out_dir to resume" if out_dir else ""
-    if failure:
-        err = failure[0]
-        if isinstance(err, FedPTError) and not str(err).startswith("round "):
-            raise err  # bad input found by the server: nothing to resume
-        reason = str(err) if isinstance(err, FedPTError) else f"{type(err).__name__}: {err}"
-        raise FedPTError(f"{reason}{resume}") from err
-    if len(records) < len(cfg.run.systems) * (cfg.federation.rounds + 1):
-        raise FedPTError("the SecAgg+ simulation ended before all rounds finished (rerun with verbose=True)")
-    return records

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, Context
+from flwr.app import ArrayRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, Krum, Strategy
 
@@ -26,12 +26,23 @@ from fedpt.server import ServerModels, load_eval_sets, load_splits
 from fedpt.systems import SYSTEM_SPECS
 
 
-def run_systems(grid: Grid, cfg: FedPTConfig, out_dir: Path | None,
-                progress: Progress | None = None) -> list[RoundRecord]:
-    """Run every system of ``cfg.run.systems`` for ``cfg.federation.rounds`` rounds; save adapters."""
-    server = ServerModels.load(cfg, load_splits(cfg), large_trainable="fedavg-large" in cfg.run.systems)
+def run_systems(grid: Grid, cfg: FedPTConfig, out_dir: Path | None, progress: Progress | None = None,
+                context: Context | None = None) -> list[RoundRecord]:
+    """Run every system of ``cfg.run.systems`` for ``cfg.federation.rounds`` rounds; save adapters.
+
+    Rounds run through Flower's ``Strategy.start``, or, with ``federation.secure_aggregation``,
+    through its SecAgg+ workflow (``fedpt.federation.secagg``); the FedPT steps are the same.
+    """
+    splits = load_splits(cfg)
+    server = ServerModels.load(cfg, splits, large_trainable="fedavg-large" in cfg.run.systems)
     round_log = RoundLog(out_dir / "rounds.jsonl" if out_dir else None)
     fed = cfg.federation
+    secure = None
+    if fed.secure_aggregation:
+        from fedpt.federation.secagg import secagg_settings
+
+        # Every simulated partition is a subset of the device split: its size bounds any device's count.
+        secure = secagg_settings(cfg, max_weight=fed.secagg_max_weight or len(splits.train))
     for name in cfg.run.systems:
         spec = SYSTEM_SPECS[name]
         folder = out_dir / name / "checkpoints" if out_dir else None
@@ -59,11 +70,18 @@ def run_systems(grid: Grid, cfg: FedPTConfig, out_dir: Path | None,
             if checkpoint is not None:
                 strategy.load_strategy_state(checkpoint.state)
             initial = checkpoint.adapter if checkpoint else server.initial_adapter(spec.device_model)
-            result = strategy.start(
-                grid=grid, initial_arrays=state_to_arrays(initial), num_rounds=fed.rounds - done,
-                timeout=fed.round_timeout, train_config=train_config(cfg, name), evaluate_fn=strategy.evaluate,
-            )
-            final = arrays_to_state(result.arrays)
+            if secure is not None:
+                from fedpt.federation.secagg import run_secagg_system
+
+                context = context or Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(),
+                                             run_config={})
+                final = run_secagg_system(grid, context, strategy, cfg, name, initial, secure, fed.rounds - done)
+            else:
+                result = strategy.start(
+                    grid=grid, initial_arrays=state_to_arrays(initial), num_rounds=fed.rounds - done,
+                    timeout=fed.round_timeout, train_config=train_config(cfg, name), evaluate_fn=strategy.evaluate,
+                )
+                final = arrays_to_state(result.arrays)
         if out_dir is not None:  # the final adapter in peft's format (also rewritten when resuming)
             server.load_adapter(spec.device_model, final)
             server.model(spec.device_model).save_pretrained(out_dir / name / "adapter")
@@ -131,6 +149,6 @@ def main(grid: Grid, context: Context) -> None:
 
     prepare_out_dir(out_dir, overwrite=bool(run_config.get("overwrite", False)))
     cfg.save(out_dir / "config.toml")
-    records = run_systems(grid, cfg, out_dir, Progress(cfg.run.systems, cfg.federation.rounds))
+    records = run_systems(grid, cfg, out_dir, Progress(cfg.run.systems, cfg.federation.rounds), context)
     eval_sizes = {name: len(examples) for name, examples in load_eval_sets(cfg, load_splits(cfg)).items()}
     write_summary(out_dir, cfg, records, eval_sizes, wall_seconds=None, peak_memory_bytes=None)

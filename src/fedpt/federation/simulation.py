@@ -28,7 +28,7 @@ def simulate(cfg: FedPTConfig, out_dir: Path | None, progress: Progress | None =
     @server_app.main()
     def _main(grid: Grid, context) -> None:
         try:
-            records.extend(run_systems(grid, cfg, out_dir, progress))
+            records.extend(run_systems(grid, cfg, out_dir, progress, context))
         except BaseException as err:
             failure.append(err)
             raise

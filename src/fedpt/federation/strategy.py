@@ -14,7 +14,9 @@ Baselines are the same strategy with switches from ``fedpt.systems``: ``fedavg-s
 
 from __future__ import annotations
 
+import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -288,11 +290,8 @@ class FedPTStrategy(FedAvg):
             self.progress.phase(self.spec.name, server_round, phase)
 
 
-def _timer_kill(point: str, server_round: int) -> "threading.Timer | None":
+def _timer_kill(point: str, server_round: int) -> threading.Timer | None:
     """``FEDPT_KILL_AT=device-training@N``: SIGKILL shortly after round N's messages go out."""
-    import os
-    import threading
-
     if os.environ.get("FEDPT_KILL_AT") != f"{point}@{server_round}":
         return None
     timer = threading.Timer(0.3, kill_point, args=(point, server_round))

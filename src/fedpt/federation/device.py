@@ -1,0 +1,83 @@
+"""A device's side of a round, independent of the message format: its data, its model, its tuning.
+
+``client_app.train`` (message API) and ``secagg.train_masked`` (SecAgg+'s legacy records) both
+call ``tune_on_device``.
+
+Which data is local: a SuperNode started with ``--node-config "data-path=FILE.jsonl"`` trains
+on that file; otherwise (simulation) it takes partition ``partition-id`` of
+``num-partitions`` of the run's device split, the same on every device.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from functools import lru_cache
+from typing import Any
+
+from flwr.app import Context
+
+from fedpt.config import FedPTConfig
+from fedpt.data.partition import partition_examples
+from fedpt.data.records import Example, load_examples
+from fedpt.federation.records import NUM_EXAMPLES_KEY
+from fedpt.models.lora import attach_lora, get_adapter_state, set_adapter_state
+from fedpt.systems import SYSTEM_SPECS
+from fedpt.train import local_tune
+
+
+def tune_on_device(cfg_json: str, system: str, server_round: int, adapter: dict[str, Any],
+                   context: Context) -> tuple[dict[str, Any], dict[str, int | float]]:
+    """LoRA-tune ``adapter`` on this device's data; returns the new adapter and the metrics to send."""
+    cfg = FedPTConfig.from_json(cfg_json)
+    spec = SYSTEM_SPECS[system]
+    examples, partition_id = device_examples(cfg, context)
+    model_spec = cfg.model.small if spec.device_model == "small" else cfg.model.large
+    model, tokenizer = device_model(model_spec, cfg.model.dtype, cfg.lora.rank, cfg.lora.alpha,
+                                    cfg.lora.dropout, tuple(cfg.lora.targets))
+    set_adapter_state(model, adapter)
+    start = time.perf_counter()
+    result = local_tune(model, tokenizer, examples, cfg.data, cfg.train,
+                        seed=(cfg.run.seed * 1000 + server_round) * 1000 + partition_id)
+    metrics = {
+        NUM_EXAMPLES_KEY: result.num_examples,
+        "train_loss": result.loss,
+        "train_last_loss": result.last_loss,
+        "train_tokens": result.tokens,
+        "train_seconds": time.perf_counter() - start,
+        # Peak resident memory of this device process so far (model + training), for cost tables.
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+    return get_adapter_state(model), metrics
+
+
+def device_examples(cfg: FedPTConfig, context: Context) -> tuple[list[Example], int]:
+    """This device's training examples and its partition id."""
+    node = context.node_config
+    if "data-path" in node:
+        return load_examples(str(node["data-path"])), int(node.get("partition-id", 0))
+    partition_id = int(node["partition-id"])
+    return _partition(cfg.data.source, cfg.to_json(), partition_id, int(node["num-partitions"])), partition_id
+
+
+@lru_cache(maxsize=4)
+def _partition(source: str, cfg_json: str, partition_id: int, num_partitions: int) -> list[Example]:
+    # Cached per process: a simulated device reuses its partition every round.
+    from fedpt.server import load_splits
+
+    cfg = FedPTConfig.from_json(cfg_json)
+    return partition_examples(load_splits(cfg).train, num_partitions, partition_id, cfg.data, cfg.data.split_seed)
+
+
+@lru_cache(maxsize=1)  # one base model per device process: a real device holds one LM, not two
+def device_model(spec: str, dtype: str, rank: int, alpha: float, dropout: float,
+                 targets: tuple[str, ...]) -> tuple[Any, Any]:
+    """The device's base LM with a LoRA adapter, loaded once per process and reused every round.
+
+    The adapter's initial values do not matter: every round overwrites them with the broadcast.
+    """
+    from fedpt.config import LoraConfig
+    from fedpt.models.loading import load_model, load_tokenizer
+
+    lora = LoraConfig(rank=rank, alpha=alpha, dropout=dropout, targets=list(targets))
+    return attach_lora(load_model(spec, dtype), lora, seed=0), load_tokenizer(spec)

@@ -13,6 +13,11 @@ NODES=${1:-3}
 RUN_CONFIG=${2:-'preset="tiny" systems="fedpt" out="runs/flwr" overwrite=true'}
 PORT=${FEDPT_SUPERLINK_PORT:-39091}
 export PATH="$PWD/.venv/bin:$PATH" FLWR_TELEMETRY_ENABLED=0
+# An occupied port would make the SuperLink die after start-up with a long traceback: say it first.
+if ! python -c 'import socket, sys; socket.socket().bind(("127.0.0.1", int(sys.argv[1])))' "$PORT" 2>/dev/null; then
+    echo "error: port $PORT is in use (a SuperLink left running?): stop that process or set FEDPT_SUPERLINK_PORT" >&2
+    exit 2
+fi
 export FLWR_HOME=${FLWR_HOME:-$(mktemp -d)}
 mkdir -p "$FLWR_HOME"
 cat > "$FLWR_HOME/config.toml" <<TOML

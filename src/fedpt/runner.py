@@ -31,7 +31,36 @@ def preflight(cfg: FedPTConfig) -> tuple[dict[str, list[int]], dict[str, int]]:
     n = cfg.federation.num_clients
     partitions = [partition_examples(splits.train, n, i, cfg.data, cfg.data.split_seed) for i in range(n)]
     check_same_vocabulary(cfg.model.small, cfg.model.large)
+    check_memory(cfg)
     return category_histogram(partitions), {name: len(examples) for name, examples in eval_sets.items()}
+
+
+def check_memory(cfg: FedPTConfig) -> None:
+    """Refuse a run whose model weights alone exceed the memory available now (when their size is known).
+
+    The server holds both models; each device training at the same time holds its own copy of
+    the model it tunes. Activations come on top, so passing this check is necessary, not sufficient.
+    """
+    import os
+
+    import psutil
+
+    from fedpt.models.loading import weights_bytes
+
+    small, large = weights_bytes(cfg.model.small, cfg.model.dtype), weights_bytes(cfg.model.large, cfg.model.dtype)
+    if small is None or large is None:
+        return
+    fed = cfg.federation
+    device = large if "fedavg-large" in cfg.run.systems else small
+    concurrent = min(fed.clients_per_round, max(1, int((os.cpu_count() or 1) // fed.client_cpus)))
+    need = small + large + concurrent * device
+    available = psutil.virtual_memory().available
+    if need > available:
+        gib = 2**30
+        raise FedPTError(f"the model weights alone need {need / gib:.1f} GiB in {cfg.model.dtype} (server: "
+                         f"{(small + large) / gib:.1f}, {concurrent} device(s) at once: {concurrent * device / gib:.1f}) "
+                         f"but {available / gib:.1f} GiB is available: use smaller models, model.dtype='bfloat16', "
+                         "or fewer devices at once (a larger federation.client_cpus)")
 
 
 def check_resumable(cfg: FedPTConfig, out_dir: Path) -> None:

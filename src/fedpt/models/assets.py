@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +91,9 @@ def fetch(name: str, home: Path, progress=print) -> Path:
     if free < need:
         raise FedPTError(f"not enough disk space in {target.parent} for {name}: {free / 2**30:.1f} GiB free, "
                          f"about {need / 2**30:.1f} GiB needed; free some space or set FEDPT_HOME elsewhere")
+    for stale in target.parent.glob(f".{name}-*"):  # a fetch killed mid-way (SIGKILL) left its work dir
+        if time.time() - stale.stat().st_mtime > 3600:  # not one that another fetch is using right now
+            shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=target.parent) as tmp:
         work = Path(tmp)
         try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import lru_cache
+from math import prod
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,27 @@ def resolve_spec(spec: str) -> ResolvedSpec:
     if path.exists() or spec.startswith((".", "/", "~")):
         raise FedPTError(f"model '{spec}' is neither a model directory nor a .gguf file")
     return ResolvedSpec(spec)  # a hub id
+
+
+def weights_bytes(spec: str, dtype: str) -> int | None:
+    """Bytes of the model's weights in ``dtype``, from its safetensors headers (no weights read).
+
+    None when the size is not known up front (a hub id, a GGUF file, .bin weights).
+    """
+    from safetensors import safe_open
+
+    resolved = resolve_spec(spec)
+    files = sorted(Path(resolved.path).glob("*.safetensors")) if not resolved.gguf_file else []
+    if not files:
+        return None
+    itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    params = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                shape = handle.get_slice(key).get_shape()
+                params += int(prod(shape)) if shape else 1
+    return params * itemsize
 
 
 def torch_dtype(name: str):

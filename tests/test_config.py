@@ -29,6 +29,13 @@ def test_overrides_parse_toml_values():
     ("model.dtype=float8", "model.dtype"),
     ("run.systems=['fedpt','nope']", "run.systems = 'nope'"),
     ("train.lr", "--set expects section.key=value"),
+    ("faults.crash=1.5", "faults.crash must be in [0.0, 1.0]"),
+    ("faults.hang=0.2", "faults.hang > 0 needs faults.hang_seconds > 0"),
+    ("privacy.dp='local'", "privacy.dp = 'local' is not one of: off, central"),
+    ("privacy.delta=1.0", "privacy.delta must be strictly between 0 and 1"),
+    ("privacy.noise_multiplier=0", "privacy.noise_multiplier must be > 0"),
+    ("federation.round_timeout=0", "federation.round_timeout must be > 0"),
+    ("federation.min_results=4", "federation.min_results must be between 1 and clients_per_round"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(FedPTError) as err:

@@ -74,3 +74,17 @@ def test_flwr_run_uses_the_same_apps(tmp_path, fedpt_home):
     rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     assert [(r["system"], r["round"]) for r in rows] == [("fedavg-pt", 0), ("fedavg-pt", 1), ("fedavg-pt", 2)]
     assert rows[-1]["clients"] == 3 and rows[-1]["rougeL_proxy"] is not None
+
+
+@pytest.mark.slow
+def test_sampling_a_subset_of_devices_is_reproducible_across_runs(tmp_path):
+    """2 of 3 devices per round: two runs (new random node ids each) train the same partitions."""
+    rows = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert main(["run", "--preset", "tiny", "--no-progress", "--out", str(out), *FAST,
+                     "--set", "run.systems=['fedavg-small']", "--set", "federation.clients_per_round=2"]) == 0
+        rows.append([json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()])
+    assert [r["clients"] for r in rows[0]] == [0, 2, 2]
+    keys = ("train_loss", "bytes_up", "rougeL_small")
+    assert [[r[k] for k in keys] for r in rows[0]] == [[r[k] for k in keys] for r in rows[1]]

@@ -148,3 +148,53 @@ def test_central_dp_refuses_robust_aggregation():
 
     with pytest.raises(FedPTError, match="privacy.dp = 'central' averages with FedAvg"):
         load_config(preset="tiny", overrides=["privacy.dp='central'", "federation.aggregation='median'"])
+
+
+class _PartitionGrid:
+    """Nodes with their partition ids; queries are answered by the real ClientApp."""
+
+    def __init__(self, partitions: dict[int, int]) -> None:
+        self.partitions, self.asked = partitions, 0
+
+    def get_node_ids(self):
+        return list(self.partitions)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import Context
+
+        from fedpt.federation.client_app import app
+
+        replies = []
+        for message in messages:
+            self.asked += 1
+            node = message.metadata.dst_node_id
+            context = Context(run_id=1, node_id=node, node_config={"partition-id": self.partitions[node]},
+                              state=RecordDict(), run_config={})
+            replies.append(app(message, context))
+        return replies
+
+
+def test_device_sampling_is_seeded_by_partition_not_by_node_id():
+    from flwr.app import ConfigRecord
+
+    def sampled(partitions, rnd, seed=0):
+        strategy = FedPTStrategy(server=None, spec=SYSTEM_SPECS["fedavg-small"], round_log=RoundLog(None),
+                                 num_rounds=9, fraction_train=0.5, min_train_nodes=3, min_available_nodes=6,
+                                 fraction_evaluate=0.0, sampling_seed=seed)
+        messages = strategy.configure_train(rnd, ArrayRecord([np.zeros(2, dtype=np.float32)]), ConfigRecord({}),
+                                            _PartitionGrid(partitions))
+        return sorted(partitions[m.metadata.dst_node_id] for m in messages)
+
+    run_a = dict(zip([901, 17, 555, 42, 7, 300], range(6)))
+    run_b = dict(zip([3, 88, 1000, 64, 12, 9], [5, 1, 0, 2, 4, 3]))  # another run: other ids, other order
+    draws = [sampled(run_a, rnd) for rnd in range(1, 7)]
+    assert draws == [sampled(run_b, rnd) for rnd in range(1, 7)]  # same partitions every run
+    assert all(len(d) == 3 for d in draws) and len({tuple(d) for d in draws}) > 1  # varies by round
+    assert [sampled(run_a, rnd, seed=1) for rnd in range(1, 7)] != draws  # and by seed
+    strategy = FedPTStrategy(server=None, spec=SYSTEM_SPECS["fedavg-small"], round_log=RoundLog(None),
+                             num_rounds=9, fraction_train=0.5, min_train_nodes=3, min_available_nodes=6,
+                             fraction_evaluate=0.0)
+    grid = _PartitionGrid(run_a)
+    for rnd in (1, 2):
+        strategy.configure_train(rnd, ArrayRecord([np.zeros(2, dtype=np.float32)]), ConfigRecord({}), grid)
+    assert grid.asked == 6  # each node is asked its partition once

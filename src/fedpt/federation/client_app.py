@@ -17,7 +17,8 @@ from flwr.clientapp import ClientApp
 
 from fedpt.faults import inject_device_faults
 from fedpt.federation.device import tune_on_device
-from fedpt.federation.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, SYSTEM_KEY, arrays_to_state, state_to_arrays
+from fedpt.federation.records import (ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, PARTITION_KEY, SYSTEM_KEY, arrays_to_state,
+                                     state_to_arrays)
 from fedpt.federation.secagg import LEGACY_FIT_KEY, optional_secagg, train_masked
 
 # SecAgg+ outermost: it runs key agreement and unmasking itself and calls through (faults, then
@@ -35,3 +36,10 @@ def train(msg: Message, context: Context) -> Message:
                                     arrays_to_state(msg.content[ARRAYS_KEY]), context)
     content = RecordDict({ARRAYS_KEY: state_to_arrays(state), METRICS_KEY: MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
+
+
+@app.query()
+def identify(msg: Message, context: Context) -> Message:
+    """Which partition this device trains on (asked once, so the server can sample reproducibly)."""
+    partition = int(context.node_config.get("partition-id", -1))
+    return Message(RecordDict({METRICS_KEY: MetricRecord({PARTITION_KEY: partition})}), reply_to=msg)

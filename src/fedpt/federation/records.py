@@ -13,6 +13,7 @@ SYSTEM_KEY = "fedpt-system"  # which system this round belongs to
 ARRAYS_KEY = "arrays"  # Flower's default ArrayRecord key
 METRICS_KEY = "metrics"
 NUM_EXAMPLES_KEY = "num-examples"  # FedAvg weights by this
+PARTITION_KEY = "partition-id"  # a device's answer to the server's one-time query (seeded sampling)
 UNIFORM_WEIGHT_KEY = "uniform-weight"  # set by the server under central DP: every device weighs 1
 
 

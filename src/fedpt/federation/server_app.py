@@ -65,7 +65,7 @@ def run_systems(grid: Grid, cfg: FedPTConfig, out_dir: Path | None, progress: Pr
                 first_round=done,
                 on_round_end=_checkpointer(folder, cfg, round_log, name) if folder else None,
                 aggregator=make_aggregator(cfg, **sampling), max_update_norm=fed.max_update_norm,
-                min_results=fed.min_results, **sampling,
+                min_results=fed.min_results, sampling_seed=cfg.run.seed, **sampling,
             )
             if checkpoint is not None:
                 strategy.load_strategy_state(checkpoint.state)

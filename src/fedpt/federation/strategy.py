@@ -15,6 +15,7 @@ Baselines are the same strategy with switches from ``fedpt.systems``: ``fedavg-s
 from __future__ import annotations
 
 import os
+import random
 import re
 import threading
 import time
@@ -25,14 +26,14 @@ from typing import Any
 
 import torch
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.common.logger import log
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedpt.errors import FedPTError
 from fedpt.faults import kill_point
-from fedpt.federation.records import (ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, UNIFORM_WEIGHT_KEY,
+from fedpt.federation.records import (ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, PARTITION_KEY, UNIFORM_WEIGHT_KEY,
                                      arrays_to_state, state_to_arrays)
 from fedpt.metrics import RoundLog, RoundRecord
 from fedpt.models.logits import LocalLogitSource, LogitSource
@@ -73,6 +74,9 @@ class FedPTStrategy(FedAvg):
         Reject updates farther than this (L2) from the broadcast adapter; 0 disables the check.
     min_results : int
         Fewer valid updates than this fail the round.
+    sampling_seed : int
+        Seeds the choice of devices when a round samples a subset: the same seed and round pick
+        the same partitions in every run (a resumed one included), whatever the node ids.
     **fedavg_kwargs
         Passed to ``FedAvg`` (sampling fractions, minimum nodes).
     """
@@ -81,7 +85,7 @@ class FedPTStrategy(FedAvg):
                  eval_every: int = 1, progress: Progress | None = None, first_round: int = 0,
                  on_round_end: Callable[[int, ArrayRecord, dict[str, Any]], None] | None = None,
                  aggregator: Strategy | None = None, max_update_norm: float = 0.0, min_results: int = 1,
-                 **fedavg_kwargs) -> None:
+                 sampling_seed: int = 0, **fedavg_kwargs) -> None:
         super().__init__(**fedavg_kwargs)
         self.server = server
         self.spec = spec
@@ -97,6 +101,8 @@ class FedPTStrategy(FedAvg):
         self._broadcast: dict[str, Any] = {}
         self._sent: list[int] = []  # node ids this round's messages went to
         self._norms: list[float] = []
+        self.sampling_seed = sampling_seed
+        self._partitions: dict[int, int] = {}  # node id -> partition id, asked once per node
         self._record = RoundRecord(round=0, system=spec.name)
         self._round_start = time.perf_counter()
 
@@ -108,7 +114,10 @@ class FedPTStrategy(FedAvg):
         self._round_start = time.perf_counter()
         self._record = RoundRecord(round=server_round, system=self.spec.name)
         sampler = self.aggregator if self.aggregator is not None else super()
-        messages = list(sampler.configure_train(server_round, arrays, config, grid))
+        if self.fraction_train < 1.0:  # a subset: make the draw a function of (seed, round, partition)
+            grid = PartitionOrderedGrid(grid, self._partitions)
+        with _seeded_random(f"{self.sampling_seed}/{server_round}"):
+            messages = list(sampler.configure_train(server_round, arrays, config, grid))
         self._broadcast = arrays_to_state(arrays)  # what valid replies must match in keys, shapes, dtypes
         self._sent = [m.metadata.dst_node_id for m in messages]
         self._record.bytes_down_per_device = arrays.count_bytes()
@@ -288,6 +297,44 @@ class FedPTStrategy(FedAvg):
     def _phase(self, server_round: int, phase: str) -> None:
         if self.progress is not None:
             self.progress.phase(self.spec.name, server_round, phase)
+
+
+@contextmanager
+def _seeded_random(seed: str) -> Iterator[None]:
+    """Flower samples nodes with the global ``random``: seed it for one call, then restore it."""
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)
+
+
+class PartitionOrderedGrid:
+    """A Grid whose ``get_node_ids`` lists nodes by partition id (then node id).
+
+    Node ids are random per run (simulation) or per connection (SuperNodes), so Flower's
+    seeded ``random.sample`` over them would pick different data every run. Ordered by the
+    partition each node trains on, the same seed picks the same partitions. Each node is asked
+    its ``partition-id`` once (a ``query`` message; nodes that do not answer sort last).
+    Everything else is the wrapped Grid's.
+    """
+
+    def __init__(self, grid: Grid, cache: dict[int, int]) -> None:
+        self._grid, self._cache = grid, cache
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def get_node_ids(self) -> list[int]:
+        nodes = list(self._grid.get_node_ids())
+        unknown = [n for n in nodes if n not in self._cache]
+        if unknown:
+            asks = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
+            for reply in self._grid.send_and_receive(asks, timeout=60.0):
+                if not reply.has_error() and METRICS_KEY in reply.content:
+                    self._cache[reply.metadata.src_node_id] = int(reply.content[METRICS_KEY][PARTITION_KEY])
+        return sorted(nodes, key=lambda n: (self._cache.get(n, 2**62), n))
 
 
 def _timer_kill(point: str, server_round: int) -> threading.Timer | None:

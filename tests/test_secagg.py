@@ -164,7 +164,7 @@ def test_secagg_mean_equals_fedavg_up_to_quantization(monkeypatch):
     print(f"SecAgg+ vs FedAvg: max abs error {error:.3g}, tolerance {tolerance:.3g}")
     assert error <= tolerance
     assert float((final[KEYS[1]] - broadcast[KEYS[1]]).abs().max()) > 1e-3  # the round did move the adapter
-    record = fedpt._record
+    record = fedpt.record
     assert (record.clients, record.failures, record.problems) == (3, 0, [])
     assert record.train_loss == pytest.approx((13 * 1 + 40 * 2 + 7 * 3) / 60)
     # The server never received a device's update: only masked int64 vectors.
@@ -203,7 +203,7 @@ def test_a_device_crash_is_recovered_by_the_protocol(monkeypatch):
     expected = _plain_fedavg(broadcast, [tuned[i] for i in survivors], [sizes[i] for i in survivors])
     error = max(float((final[k].double() - expected[k].double()).abs().max()) for k in KEYS)
     assert error <= settings.error_bound(3, sum(sizes[i] for i in survivors)) + 2 * np.finfo(np.float32).eps * 0.2
-    record = fedpt._record
+    record = fedpt.record
     assert (record.clients, record.failures) == (3, 1)
     assert record.problems == [f"node {7000 + crashed}: error: InjectedFault: injected crash "
                                f"(device {crashed}, round 1)"]
@@ -224,8 +224,8 @@ def test_bad_updates_are_withheld_by_their_devices(monkeypatch):
     expected = _plain_fedavg(broadcast, [tuned[i] for i in good], [sizes[i] for i in good])
     error = max(float((final[k].double() - expected[k].double()).abs().max()) for k in KEYS)
     assert error <= settings.error_bound(3, sum(sizes[i] for i in good)) + 2 * np.finfo(np.float32).eps * 0.2
-    assert (fedpt._record.clients, fedpt._record.failures) == (3, 2)
-    reasons = " | ".join(fedpt._record.problems)
+    assert (fedpt.record.clients, fedpt.record.failures) == (3, 2)
+    reasons = " | ".join(fedpt.record.problems)
     assert "node 7001: error: FedPTError: this device's update holds NaN or Inf" in reasons
     assert "node 7003: error: FedPTError: update norm 16 exceeds federation.max_update_norm=1.0" in reasons
 

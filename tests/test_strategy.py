@@ -40,8 +40,8 @@ def test_fedavg_weights_adapters_by_examples():
     (mean,) = arrays.to_numpy_ndarrays()
     np.testing.assert_allclose(mean, np.full((2, 3), (1.0 * 10 + 4.0 * 30) / 40))
     assert metrics["train_loss"] == pytest.approx((2.0 * 10 + 1.0 * 30) / 40)
-    assert strategy._record.device_peak_memory_bytes == 30_000 and strategy._record.device_train_tokens == 50
-    assert strategy._record.clients == 2 and strategy._record.bytes_up == 2 * replies[0].content["arrays"].count_bytes()
+    assert strategy.record.device_peak_memory_bytes == 30_000 and strategy.record.device_train_tokens == 50
+    assert strategy.record.clients == 2 and strategy.record.bytes_up == 2 * replies[0].content["arrays"].count_bytes()
 
 
 def test_round_with_no_updates_fails_with_the_reason():
@@ -71,7 +71,7 @@ def test_poisoned_and_malformed_updates_are_rejected_with_reasons():
     honest = [_reply(1.0, 10, 2.0), _reply(2.0, 10, 2.0)]
     arrays, _ = strategy.aggregate_train(1, [nan, *honest, huge, wrong_shape, wrong_dtype])
     np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], np.full((2, 3), 1.5))  # honest mean only
-    record = strategy._record
+    record = strategy.record
     assert record.clients == 2 and record.failures == 4
     reasons = " | ".join(record.problems)
     for expected in ("NaN or Inf", "exceeds federation.max_update_norm=20.0", "(3, 3), expected",
@@ -130,7 +130,7 @@ def test_central_dp_clips_adds_noise_and_accounts_epsilon_before_distillation():
         for reply, node in zip(replies, (11, 12, 13)):
             reply.metadata.__dict__["_src_node_id"] = node
         arrays, _ = strategy.aggregate_train(1, replies)
-        return arrays.to_numpy_ndarrays()[0], strategy._record, strategy
+        return arrays.to_numpy_ndarrays()[0], strategy.record, strategy
 
     clipped, record, strategy = dp_round(noise=1e-6)
     np.testing.assert_allclose(np.linalg.norm(clipped), 0.5, rtol=1e-4)  # clip norm, noise ~0

@@ -42,7 +42,6 @@ proofs) and corrupt the sum; the check of the mean is then the only defence.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from logging import WARNING
@@ -74,7 +73,6 @@ from fedpt.errors import FedPTError
 from fedpt.federation.device import tune_on_device
 from fedpt.federation.records import CONFIG_KEY, NUM_EXAMPLES_KEY, SYSTEM_KEY, state_to_arrays
 from fedpt.federation.strategy import FedPTStrategy, _error_reason
-from fedpt.metrics import RoundRecord
 
 ADAPTER_KEYS_KEY = "fedpt-adapter-keys"  # legacy Parameters have no names: the state-dict keys, "\n"-joined
 CLIP_KEY = "fedpt-secagg-clip"  # the devices count the entries the quantizer will clip ...
@@ -245,14 +243,11 @@ class SecAggFedPT(LegacyFedAvg):
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
         """Step 1, plus the round's record (as ``FedPTStrategy.configure_train`` starts it)."""
         fedpt, rnd = self.fedpt, server_round + self.fedpt.first_round
-        fedpt._round_start = time.perf_counter()
-        fedpt._record = RoundRecord(round=rnd, system=self.fedpt.spec.name)
         self._broadcast = to_state(self.keys, parameters)
         instructions = super().configure_fit(server_round, parameters, client_manager)
         self._sent = [proxy.node_id for proxy, _ in instructions]
-        size = state_to_arrays(self._broadcast).count_bytes()
-        fedpt._record.bytes_down_per_device, fedpt._record.bytes_down = size, size * len(instructions)
-        fedpt._phase(rnd, f"device training + SecAgg+ ({len(instructions)} devices)")
+        fedpt.begin_round(rnd, self._sent, state_to_arrays(self._broadcast).count_bytes())
+        fedpt.phase(rnd, f"device training + SecAgg+ ({len(instructions)} devices)")
         return instructions
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
@@ -260,7 +255,7 @@ class SecAggFedPT(LegacyFedAvg):
                       ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Steps 3-5: broadcast + SecAgg+'s mean update (= FedAvg), then proxy-tuning + distillation."""
         fedpt, rnd = self.fedpt, server_round + self.fedpt.first_round
-        record = fedpt._record
+        record = fedpt.record
         in_sum = {proxy.node_id for proxy, _ in results}
         seen = self.watch.problems if self.watch is not None else {}
         problems = [f"node {node}: {seen.get(node, 'dropped out of SecAgg+')}" for node in self._sent
@@ -272,7 +267,7 @@ class SecAggFedPT(LegacyFedAvg):
             raise FedPTError(f"round {rnd}: {len(results)} update(s) in the secure sum, {fedpt.min_results} "
                              f"needed ({'; '.join(problems)[:300] or 'no replies'})")
         fits = sorted((fit for _, fit in results), key=lambda f: (f.num_examples, float(f.metrics["train_loss"])))
-        with fedpt._server_step(rnd, "aggregation"):
+        with fedpt.server_step(rnd, "aggregation"):
             mean_update = parameters_to_ndarrays(fits[0].parameters)  # identical in every FitRes
             self._check_mean_update(rnd, mean_update)
             state = {k: (b.double() + torch.from_numpy(np.asarray(u, dtype=np.float64))).to(b.dtype)
@@ -296,7 +291,7 @@ class SecAggFedPT(LegacyFedAvg):
         record.bytes_up, record.bytes_up_per_device = sum(uploads), max(uploads)
         arrays = state_to_arrays(state)
         if fedpt.spec.distill:
-            with fedpt._server_step(rnd, "proxy-tuning + distillation"):
+            with fedpt.server_step(rnd, "proxy-tuning + distillation"):
                 arrays = fedpt.proxy_tune_and_distill(rnd, arrays)
         return to_parameters(self.keys, arrays.to_torch_state_dict()), {"train_loss": train_loss}
 

@@ -79,6 +79,8 @@ class FedPTStrategy(FedAvg):
         the same partitions in every run (a resumed one included), whatever the node ids.
     **fedavg_kwargs
         Passed to ``FedAvg`` (sampling fractions, minimum nodes).
+
+    ``record`` is the current round's ``RoundRecord`` (written to ``rounds.jsonl`` by ``evaluate``).
     """
 
     def __init__(self, server: ServerModels, spec: SystemSpec, round_log: RoundLog, num_rounds: int,
@@ -103,7 +105,7 @@ class FedPTStrategy(FedAvg):
         self._norms: list[float] = []
         self.sampling_seed = sampling_seed
         self._partitions: dict[int, int] = {}  # node id -> partition id, asked once per node
-        self._record = RoundRecord(round=0, system=spec.name)
+        self.record = RoundRecord(round=0, system=spec.name)
         self._round_start = time.perf_counter()
 
     # -- step 1: broadcast ------------------------------------------------------------------
@@ -111,18 +113,14 @@ class FedPTStrategy(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         server_round += self.first_round
-        self._round_start = time.perf_counter()
-        self._record = RoundRecord(round=server_round, system=self.spec.name)
         sampler = self.aggregator if self.aggregator is not None else super()
         if self.fraction_train < 1.0:  # a subset: make the draw a function of (seed, round, partition)
             grid = PartitionOrderedGrid(grid, self._partitions)
         with _seeded_random(f"{self.sampling_seed}/{server_round}"):
             messages = list(sampler.configure_train(server_round, arrays, config, grid))
         self._broadcast = arrays_to_state(arrays)  # what valid replies must match in keys, shapes, dtypes
-        self._sent = [m.metadata.dst_node_id for m in messages]
-        self._record.bytes_down_per_device = arrays.count_bytes()
-        self._record.bytes_down = arrays.count_bytes() * len(messages)
-        self._phase(server_round, f"device training ({len(messages)} devices)")
+        self.begin_round(server_round, [m.metadata.dst_node_id for m in messages], arrays.count_bytes())
+        self.phase(server_round, f"device training ({len(messages)} devices)")
         if kill_point_armed := _timer_kill("device-training", server_round):
             kill_point_armed.start()  # fires once the messages are out and devices are training
         return messages
@@ -133,7 +131,7 @@ class FedPTStrategy(FedAvg):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.first_round
         replies = list(replies)
-        record = self._record
+        record = self.record
         ok, problems = [], []
         self._norms = []  # L2 norms of the valid updates (to choose a DP clip or a norm bound)
         for message in replies:
@@ -162,7 +160,7 @@ class FedPTStrategy(FedAvg):
             # DP-FedAvg weighs devices equally: the mean's sensitivity is then clip / n.
             for message in ok:
                 message.content[METRICS_KEY][UNIFORM_WEIGHT_KEY] = 1
-        with self._server_step(server_round, "aggregation"):
+        with self.server_step(server_round, "aggregation"):
             arrays, metrics = aggregate(server_round, ok)  # step 3: FedAvg (or a robust / DP variant)
         if arrays is None:
             raise FedPTError(f"round {server_round}: the aggregator returned no model "
@@ -178,7 +176,7 @@ class FedPTStrategy(FedAvg):
         record.device_train_tokens = sum(float(d["train_tokens"]) for d in device_metrics) / len(ok)
         record.device_peak_memory_bytes = max(int(d.get("peak_rss_bytes", 0)) for d in device_metrics)
         if self.spec.distill:
-            with self._server_step(server_round, "proxy-tuning + distillation"):
+            with self.server_step(server_round, "proxy-tuning + distillation"):
                 arrays = self.proxy_tune_and_distill(server_round, arrays)
         return arrays, metrics
 
@@ -210,12 +208,12 @@ class FedPTStrategy(FedAvg):
 
     def proxy_tune_and_distill(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
         """Steps 4 and 5: the averaged small adapter steers the large LM, which then teaches it."""
-        self._phase(server_round, "proxy-tuning + distillation")
+        self.phase(server_round, "proxy-tuning + distillation")
         self.server.load_adapter("small", arrays_to_state(arrays))
         # builds the proxy-tuned teacher (step 4) itself
         result = self.server.distill(server_round, after_step=lambda step: kill_point("distillation", server_round))
-        self._record.kd_loss, self._record.distill_seconds = result.loss, result.seconds
-        self._record.kd_kl_before, self._record.kd_kl_after = result.kl_before, result.kl_after
+        self.record.kd_loss, self.record.distill_seconds = result.loss, result.seconds
+        self.record.kd_kl_before, self.record.kd_kl_after = result.kl_before, result.kl_after
         return state_to_arrays(self.server.adapter_state("small"))
 
     # -- server-side evaluation (Flower calls it at round 0 and after every round) -------------
@@ -224,12 +222,12 @@ class FedPTStrategy(FedAvg):
         if server_round == 0 and self.first_round > 0:
             return None  # resuming: round 0 was evaluated and recorded by the first run
         server_round += self.first_round
-        record = self._record if server_round > 0 else RoundRecord(round=0, system=self.spec.name)
+        record = self.record if server_round > 0 else RoundRecord(round=0, system=self.spec.name)
         due = server_round == 0 or server_round % self.eval_every == 0 or server_round == self.num_rounds
         if due:
-            self._phase(server_round, "evaluation")
+            self.phase(server_round, "evaluation")
             start = time.perf_counter()
-            with self._server_step(server_round, "evaluation"):
+            with self.server_step(server_round, "evaluation"):
                 self._evaluate_into(record, server_round, arrays)
             record.eval_seconds = time.perf_counter() - start
         record.seconds = time.perf_counter() - self._round_start if server_round > 0 else record.eval_seconds or 0.0
@@ -264,6 +262,14 @@ class FedPTStrategy(FedAvg):
             record.rougeL_proxy = (score("proxy", server.proxy_tune()) if server_round
                                    else score("large", server.large_logits()))
 
+    def begin_round(self, server_round: int, sent_to: list[int], bytes_per_device: int) -> RoundRecord:
+        """Start round ``server_round``'s record: which nodes were asked, what each was sent."""
+        self._round_start = time.perf_counter()
+        self.record = RoundRecord(round=server_round, system=self.spec.name,
+                                  bytes_down_per_device=bytes_per_device, bytes_down=bytes_per_device * len(sent_to))
+        self._sent = list(sent_to)
+        return self.record
+
     # -- state that must survive a restart ------------------------------------------------
 
     @property
@@ -284,7 +290,7 @@ class FedPTStrategy(FedAvg):
             self.accountant.load_state_dict(state["accountant"])
 
     @contextmanager
-    def _server_step(self, server_round: int, step: str) -> Iterator[None]:
+    def server_step(self, server_round: int, step: str) -> Iterator[None]:
         """A failing server step fails the round with its reason; the last checkpoint stays valid."""
         try:
             yield
@@ -294,7 +300,7 @@ class FedPTStrategy(FedAvg):
             raise FedPTError(f"round {server_round}: {step} failed: {type(err).__name__}: "
                              f"{str(err).splitlines()[0][:300] if str(err) else ''}") from err
 
-    def _phase(self, server_round: int, phase: str) -> None:
+    def phase(self, server_round: int, phase: str) -> None:
         if self.progress is not None:
             self.progress.phase(self.spec.name, server_round, phase)
 

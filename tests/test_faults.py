@@ -103,5 +103,5 @@ def test_central_dp_run_reports_epsilon_per_round_and_in_the_summary(tmp_path, c
     eps = [r["dp_epsilon"] for r in rows]
     assert eps[0] is None and 0 < eps[1] < eps[2]  # privacy loss composes over rounds
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["privacy"]["epsilon"] == {"fedpt": eps[2]} and summary["privacy"]["delta"] == 1e-5
+    assert summary["privacy"]["epsilon"] == {"fedpt": eps[2]} and summary["privacy"]["delta"] == {"fedpt": 1e-5}
     assert f"epsilon fedpt {eps[2]:.2f} at delta 1e-05" in capsys.readouterr().out

@@ -213,14 +213,18 @@ class PrivacyConfig:
     ``delta`` per round (client-level, no sampling amplification).
     """
 
-    dp: str = "off"  # off | central
-    noise_multiplier: float = 1.0
-    clipping_norm: float = 1.0
+    dp: str = "off"  # off | central | local (each device noises its own update: fedpt.federation.local_dp)
+    noise_multiplier: float = 1.0  # central: noise std = noise_multiplier * clipping_norm / devices
+    clipping_norm: float = 1.0  # L2 bound on each device's update (central and local)
     delta: float = 1e-5
-    max_epsilon: float = 0.0  # refuse a round that would exceed this budget (0 = no limit)
+    max_epsilon: float = 0.0  # central: refuse a round that would exceed this budget (0 = no limit)
+    local_epsilon: float = 1.0  # local: epsilon of each device's release per round (Gaussian mechanism, <= 1)
 
     def validate(self) -> None:
-        _check_choice("privacy.dp", self.dp, ("off", "central"))
+        _check_choice("privacy.dp", self.dp, ("off", "central", "local"))
+        if not 0 < self.local_epsilon <= 1:
+            raise FedPTError(f"privacy.local_epsilon must be in (0, 1] (the Gaussian mechanism's calibration), "
+                             f"got {self.local_epsilon}")
         _check_positive("privacy.noise_multiplier", self.noise_multiplier)
         _check_positive("privacy.clipping_norm", self.clipping_norm)
         if not 0 < self.delta < 1:
@@ -294,9 +298,12 @@ class FedPTConfig:
             if fed.aggregation != "fedavg":
                 raise FedPTError(f"federation.aggregation={fed.aggregation!r} needs each device's update; under "
                                  "secure aggregation the server only sees their sum: use 'fedavg'")
-            if self.privacy.dp != "off":
+            if self.privacy.dp == "central":
                 raise FedPTError("privacy.dp='central' clips each device's update on the server, which secure "
                                  "aggregation hides: turn one of them off")
+            if self.privacy.dp == "local":
+                raise FedPTError("privacy.dp='local' is not implemented for SecAgg+'s message format: "
+                                 "turn one of them off")
             if fed.clients_per_round < 2:
                 raise FedPTError("secure aggregation needs at least 2 devices per round (federation.clients_per_round)")
         if self.privacy.dp == "central" and self.federation.aggregation != "fedavg":

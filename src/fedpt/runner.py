@@ -182,9 +182,12 @@ def _privacy_summary(cfg: FedPTConfig, systems: dict) -> dict:
     privacy = cfg.privacy
     if privacy.dp == "off":
         return {"dp": "off"}
-    spent = {name: (info["final"] or {}).get("dp_epsilon") for name, info in systems.items()}
-    return {"dp": privacy.dp, "noise_multiplier": privacy.noise_multiplier, "clipping_norm": privacy.clipping_norm,
-            "delta": privacy.delta, "epsilon": spent}
+    final = {name: info["final"] or {} for name, info in systems.items()}
+    settings = ({"noise_multiplier": privacy.noise_multiplier} if privacy.dp == "central"
+                else {"local_epsilon": privacy.local_epsilon})
+    return {"dp": privacy.dp, **settings, "clipping_norm": privacy.clipping_norm,
+            "delta": {name: row.get("dp_delta") for name, row in final.items()},
+            "epsilon": {name: row.get("dp_epsilon") for name, row in final.items()}}
 
 
 def format_table(summary: dict) -> str:
@@ -205,7 +208,9 @@ def format_table(summary: dict) -> str:
     lines.append("small = tuned small LM; proxy = large LM proxy-tuned by it; large = large LM tuned directly")
     privacy = summary.get("privacy", {})
     if privacy.get("dp", "off") != "off":
-        eps = ", ".join(f"{name} {e:.2f}" if e is not None else f"{name} -" for name, e in privacy["epsilon"].items())
-        lines.append(f"central DP (noise {privacy['noise_multiplier']}, clip {privacy['clipping_norm']}): "
-                     f"epsilon {eps} at delta {privacy['delta']:g}")
+        spent = ", ".join(f"{name} {e:.2f} at delta {privacy['delta'][name]:g}" if e is not None else f"{name} -"
+                          for name, e in privacy["epsilon"].items())
+        knob = (f"noise {privacy['noise_multiplier']}" if privacy["dp"] == "central"
+                else f"epsilon {privacy['local_epsilon']} per round")
+        lines.append(f"{privacy['dp']} DP ({knob}, clip {privacy['clipping_norm']}): epsilon {spent}")
     return "\n".join(lines)

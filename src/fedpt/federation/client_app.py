@@ -17,13 +17,15 @@ from flwr.clientapp import ClientApp
 
 from fedpt.faults import inject_device_faults
 from fedpt.federation.device import tune_on_device
+from fedpt.federation.local_dp import local_dp_mod
 from fedpt.federation.records import (ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, PARTITION_KEY, SYSTEM_KEY, arrays_to_state,
                                      state_to_arrays)
 from fedpt.federation.secagg import LEGACY_FIT_KEY, optional_secagg, train_masked
 
 # SecAgg+ outermost: it runs key agreement and unmasking itself and calls through (faults, then
-# `train`) only in the stage that collects the masked vectors. Faults are off unless [faults] asks.
-app = ClientApp(mods=[optional_secagg, inject_device_faults])
+# `train`) only in the stage that collects the masked vectors. Faults are off unless [faults]
+# asks; local DP (innermost: it noises what `train` returns) unless privacy.dp = "local".
+app = ClientApp(mods=[optional_secagg, inject_device_faults, local_dp_mod])
 
 
 @app.train()

@@ -19,6 +19,7 @@ from fedpt.checkpoint import Checkpoint, config_changes, load_checkpoint, save_c
 from fedpt.config import FedPTConfig, load_config
 from fedpt.errors import FedPTError
 from fedpt.federation.records import UNIFORM_WEIGHT_KEY, arrays_to_state, state_to_arrays, train_config
+from fedpt.federation.local_dp import local_dp_from_config
 from fedpt.federation.strategy import FedPTStrategy
 from fedpt.metrics import RoundLog, RoundRecord
 from fedpt.progress import Progress
@@ -65,7 +66,8 @@ def run_systems(grid: Grid, cfg: FedPTConfig, out_dir: Path | None, progress: Pr
                 first_round=done,
                 on_round_end=_checkpointer(folder, cfg, round_log, name) if folder else None,
                 aggregator=make_aggregator(cfg, **sampling), max_update_norm=fed.max_update_norm,
-                min_results=fed.min_results, sampling_seed=cfg.run.seed, **sampling,
+                min_results=fed.min_results, sampling_seed=cfg.run.seed, local_dp=local_dp_from_config(cfg),
+                **sampling,
             )
             if checkpoint is not None:
                 strategy.load_strategy_state(checkpoint.state)

@@ -33,6 +33,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedpt.errors import FedPTError
 from fedpt.faults import kill_point
+from fedpt.federation.local_dp import LocalDp
 from fedpt.federation.records import (ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, PARTITION_KEY, UNIFORM_WEIGHT_KEY,
                                      arrays_to_state, state_to_arrays)
 from fedpt.metrics import RoundLog, RoundRecord
@@ -74,6 +75,9 @@ class FedPTStrategy(FedAvg):
         Reject updates farther than this (L2) from the broadcast adapter; 0 disables the check.
     min_results : int
         Fewer valid updates than this fail the round.
+    local_dp : LocalDp, optional
+        Devices noise their own updates (``privacy.dp = "local"``); the round records report
+        the epsilon spent.
     sampling_seed : int
         Seeds the choice of devices when a round samples a subset: the same seed and round pick
         the same partitions in every run (a resumed one included), whatever the node ids.
@@ -87,7 +91,7 @@ class FedPTStrategy(FedAvg):
                  eval_every: int = 1, progress: Progress | None = None, first_round: int = 0,
                  on_round_end: Callable[[int, ArrayRecord, dict[str, Any]], None] | None = None,
                  aggregator: Strategy | None = None, max_update_norm: float = 0.0, min_results: int = 1,
-                 sampling_seed: int = 0, **fedavg_kwargs) -> None:
+                 sampling_seed: int = 0, local_dp: LocalDp | None = None, **fedavg_kwargs) -> None:
         super().__init__(**fedavg_kwargs)
         self.server = server
         self.spec = spec
@@ -104,6 +108,7 @@ class FedPTStrategy(FedAvg):
         self._sent: list[int] = []  # node ids this round's messages went to
         self._norms: list[float] = []
         self.sampling_seed = sampling_seed
+        self.local_dp = local_dp
         self._partitions: dict[int, int] = {}  # node id -> partition id, asked once per node
         self.record = RoundRecord(round=0, system=spec.name)
         self._round_start = time.perf_counter()
@@ -168,6 +173,8 @@ class FedPTStrategy(FedAvg):
         if self.accountant is not None:
             spent = self.accountant.get_privacy_spent()
             record.dp_epsilon, record.dp_delta = spent.epsilon, spent.delta
+        elif self.local_dp is not None:
+            record.dp_epsilon, record.dp_delta = self.local_dp.spent(server_round)
         sizes = [m.content[ARRAYS_KEY].count_bytes() for m in ok]
         record.bytes_up, record.bytes_up_per_device = sum(sizes), max(sizes)
         device_metrics = [m.content[METRICS_KEY] for m in ok]

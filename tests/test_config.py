@@ -31,7 +31,7 @@ def test_overrides_parse_toml_values():
     ("train.lr", "--set expects section.key=value"),
     ("faults.crash=1.5", "faults.crash must be in [0.0, 1.0]"),
     ("faults.hang=0.2", "faults.hang > 0 needs faults.hang_seconds > 0"),
-    ("privacy.dp='local'", "privacy.dp = 'local' is not one of: off, central"),
+    ("privacy.dp='locale'", "privacy.dp = 'locale' is not one of: off, central, local"),
     ("privacy.delta=1.0", "privacy.delta must be strictly between 0 and 1"),
     ("privacy.noise_multiplier=0", "privacy.noise_multiplier must be > 0"),
     ("federation.round_timeout=0", "federation.round_timeout must be > 0"),

@@ -1,8 +1,10 @@
-"""Rouge-L cost of central differential privacy: one `fedpt run` per noise level, side by side.
+"""Rouge-L cost of differential privacy: one `fedpt run` per noise level, side by side.
 
-    python bench/dp_noise.py --preset tiny --noise 0,0.1,0.5,1 [--set key=value ...] [--out runs/dp-noise]
+    python bench/dp_noise.py --preset tiny --noise 0,0.1,0.5,1 [--local 0.5,1] [--set key=value ...]
+                             [--out runs/dp-noise]
 
-Noise 0 is the run without DP. Each run uses the same seed, data and clip (privacy.clipping_norm,
+Central DP at each noise multiplier (0 is the run without DP), then local DP at each
+per-round epsilon of ``--local``. Each run uses the same seed, data and clip (privacy.clipping_norm,
 default: the median update norm of the no-DP run, measured first), so the columns differ only by
 the noise. Prints a Markdown table: final Rouge-L of the small and the proxy-tuned large LM on
 the first evaluation set, and the epsilon spent (delta = privacy.delta).
@@ -30,6 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--noise", default="0,0.1,0.5,1")
+    parser.add_argument("--local", default="", help="local-DP epsilons per round, e.g. 0.5,1")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--out", type=Path, default=Path("runs/dp-noise"))
     args = parser.parse_args()
@@ -46,14 +49,19 @@ def main() -> None:
             summary = run(args.out / f"noise-{noise:g}", args.preset,
                           [*base, "privacy.dp='central'", f"privacy.noise_multiplier={noise}",
                            f"privacy.clipping_norm={clip or 1.0}"])
-        results[noise] = summary
+        results[("central", noise)] = summary
+    for eps in [float(x) for x in args.local.split(",") if x]:
+        results[("local", eps)] = run(args.out / f"local-{eps:g}", args.preset,
+                                      [*base, "privacy.dp='local'", f"privacy.local_epsilon={eps}",
+                                       f"privacy.clipping_norm={clip or 1.0}"])
     print(f"clip {clip}; preset {args.preset}; {' '.join(args.overrides)}")
-    print("| noise multiplier | Rouge-L small | Rouge-L proxy | epsilon |")
-    print("|---|---|---|---|")
-    for noise, summary in results.items():
+    print("| DP | setting | Rouge-L small | Rouge-L proxy | epsilon |")
+    print("|---|---|---|---|---|")
+    for (mode, value), summary in results.items():
         final = summary["systems"]["fedpt"]["final"]
         eps = final.get("dp_epsilon")
-        print(f"| {noise:g}{' (no DP)' if noise == 0 else ''} | {final['rougeL_small']:.2f} | "
+        setting = "no DP" if value == 0 else (f"noise {value:g}" if mode == "central" else f"epsilon {value:g}/round")
+        print(f"| {mode if value else 'off'} | {setting} | {final['rougeL_small']:.2f} | "
               f"{final['rougeL_proxy']:.2f} | {'inf' if eps is None else f'{eps:.2f}'} |")
 
 

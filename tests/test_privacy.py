@@ -66,7 +66,8 @@ def test_the_client_app_sends_a_noised_update_under_local_dp(tiny_cfg, fedpt_hom
     params = sum(v.numel() for v in plain.values())
     sigma = LocalDp(1.0, 1e-5, 0.05).sigma
     assert distance == pytest.approx(sigma * math.sqrt(params), rel=0.05)  # the noise dominates
-    assert all(torch.equal(noised[k], again[k]) for k in noised)  # seeded: reruns draw the same noise
+    # Fresh noise every release: the server knows the run's seed, so seeded noise could be removed.
+    assert not any(torch.equal(noised[k], again[k]) for k in noised)
 
 
 def test_local_dp_epsilon_is_reported_per_round():

@@ -11,12 +11,15 @@ even against the server. Over rounds the guarantee composes: we report basic com
 
 Flower's own ``LocalDpMod`` reads and writes the legacy ``fitres`` records and takes the
 sensitivity as a free parameter, so it cannot wrap this message-API ClientApp; this mod
-does the same mechanism on ``ArrayRecord`` replies, in torch (bf16 adapters included).
+does the same mechanism on ``ArrayRecord`` replies, in torch (bf16 adapters included). The
+noise comes from a fresh OS-random seed each release: noise a seed in the config could
+reproduce would be noise the server could remove.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -67,9 +70,9 @@ def local_dp_mod(msg: Message, context: Context, call_next: Callable[[Message, C
     if cfg.privacy.dp != "local":
         return reply
     dp = LocalDp(cfg.privacy.local_epsilon, cfg.privacy.delta, cfg.privacy.clipping_norm)
-    # Seeded like the device's training: a rerun (or a resumed run) draws the same noise.
-    seed = (cfg.run.seed * 1000 + int(config["server-round"])) * 1000 + int(context.node_config.get("partition-id", 0))
-    generator = torch.Generator().manual_seed(seed + 7_919)
+    # Never seeded from the run's seed: the server knows it and could regenerate and subtract
+    # the noise. DP runs are therefore not bit-reproducible, by design.
+    generator = torch.Generator().manual_seed(secrets.randbits(63))
     noised = privatize(arrays_to_state(msg.content[ARRAYS_KEY]), arrays_to_state(reply.content[ARRAYS_KEY]),
                        dp.clipping_norm, dp.sigma, generator)
     reply.content[ARRAYS_KEY] = state_to_arrays(noised)

@@ -198,3 +198,21 @@ def test_device_sampling_is_seeded_by_partition_not_by_node_id():
     for rnd in (1, 2):
         strategy.configure_train(rnd, ArrayRecord([np.zeros(2, dtype=np.float32)]), ConfigRecord({}), grid)
     assert grid.asked == 6  # each node is asked its partition once
+
+
+def test_central_dp_refuses_a_round_with_a_missing_device():
+    from flwr.app import ConfigRecord
+
+    from fedpt.config import load_config
+    from fedpt.federation.server_app import make_aggregator
+
+    cfg = load_config(preset="tiny", overrides=["privacy.dp='central'", "federation.min_results=1"])
+    sampling = dict(fraction_train=1.0, min_train_nodes=3, min_available_nodes=3, fraction_evaluate=0.0)
+    strategy = FedPTStrategy(server=None, spec=SYSTEM_SPECS["fedavg-small"], round_log=RoundLog(None), num_rounds=2,
+                             aggregator=make_aggregator(cfg, **sampling), **sampling)
+    strategy.configure_train(1, ArrayRecord([np.zeros((2, 3), dtype=np.float32)]), ConfigRecord({}), _Grid())
+    replies = [_reply(1.0, 10, 1.0), _reply(1.0, 10, 1.0)]
+    for reply, node in zip(replies, (11, 12)):
+        reply.metadata.__dict__["_src_node_id"] = node
+    with pytest.raises(FedPTError, match=r"central DP needs the updates of all 3 sampled devices.*2 valid.*node 13: no reply"):
+        strategy.aggregate_train(1, replies)

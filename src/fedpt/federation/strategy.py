@@ -161,6 +161,9 @@ class FedPTStrategy(FedAvg):
         ok.sort(key=lambda m: (int(m.content[METRICS_KEY][NUM_EXAMPLES_KEY]),
                                float(m.content[METRICS_KEY]["train_loss"])))
         aggregate = self.aggregator.aggregate_train if self.aggregator is not None else super().aggregate_train
+        if self.accountant is not None and len(ok) < len(self._sent):
+            raise FedPTError(f"round {server_round}: central DP needs the updates of all {len(self._sent)} sampled "
+                             f"devices (its noise is calibrated to them), {len(ok)} valid ({'; '.join(problems)[:300]})")
         if self.accountant is not None:
             # DP-FedAvg weighs devices equally: the mean's sensitivity is then clip / n.
             for message in ok:

@@ -1,7 +1,7 @@
 """``FedPTStrategy``: Flower's FedAvg with FedPT's server steps. One round, five steps:
 
 1. **broadcast** the small LM's adapter to the sampled devices -> ``configure_train``
-2. **local tuning** on each device -> ``fedpt.train.local_tune`` (via ``client_app.train``)
+2. **local tuning** on each device -> ``fedpt.train.local_tune`` (via ``device.tune_on_device``)
 3. **aggregation**, FedAvg weighted by examples -> ``aggregate_train`` -> ``FedAvg.aggregate_train``
 4. **proxy-tuning** of the black-box large LM -> ``ServerModels.proxy_tune`` (``fedpt.proxy``)
 5. **distillation** of the proxy-tuned large LM into the small LM -> ``ServerModels.distill``

@@ -255,17 +255,11 @@ class SecAggFedPT(LegacyFedAvg):
                       ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Steps 3-5: broadcast + SecAgg+'s mean update (= FedAvg), then proxy-tuning + distillation."""
         fedpt, rnd = self.fedpt, server_round + self.fedpt.first_round
-        record = fedpt.record
         in_sum = {proxy.node_id for proxy, _ in results}
         seen = self.watch.problems if self.watch is not None else {}
         problems = [f"node {node}: {seen.get(node, 'dropped out of SecAgg+')}" for node in self._sent
                     if node not in in_sum]
-        for problem in problems:
-            log(WARNING, "round %s: update not in the secure sum: %s", rnd, problem)
-        record.clients, record.failures, record.problems = len(results), len(problems), problems
-        if len(results) < fedpt.min_results:
-            raise FedPTError(f"round {rnd}: {len(results)} update(s) in the secure sum, {fedpt.min_results} "
-                             f"needed ({'; '.join(problems)[:300] or 'no replies'})")
+        fedpt.record_outcome(rnd, len(results), problems, counted="update(s) in the secure sum")
         fits = sorted((fit for _, fit in results), key=lambda f: (f.num_examples, float(f.metrics["train_loss"])))
         with fedpt.server_step(rnd, "aggregation"):
             mean_update = parameters_to_ndarrays(fits[0].parameters)  # identical in every FitRes
@@ -280,19 +274,13 @@ class SecAggFedPT(LegacyFedAvg):
             log(WARNING, "round %s: SecAgg+: %s", rnd, problems[-1])
         total = sum(f.num_examples for f in fits)
         train_loss = sum(f.num_examples * float(f.metrics["train_loss"]) for f in fits) / total
-        record.train_loss = train_loss
-        record.device_train_seconds = sum(float(f.metrics["train_seconds"]) for f in fits) / len(fits)
-        record.device_train_tokens = sum(float(f.metrics["train_tokens"]) for f in fits) / len(fits)
-        record.device_peak_memory_bytes = max(int(f.metrics.get("peak_rss_bytes", 0)) for f in fits)
+        fedpt.record.train_loss = train_loss
         # Upload per device: its masked int64 vector (+ masked weight), as serialized; key exchange not counted.
         uploads = [self.watch.upload_bytes[n] for n in in_sum if n in self.watch.upload_bytes] if self.watch else []
         if not uploads:  # not run by StrictSecAggPlusWorkflow: the vector's size
             uploads = [8 * (sum(int(np.prod(u.shape)) for u in mean_update) + 1)] * len(fits)
-        record.bytes_up, record.bytes_up_per_device = sum(uploads), max(uploads)
-        arrays = state_to_arrays(state)
-        if fedpt.spec.distill:
-            with fedpt.server_step(rnd, "proxy-tuning + distillation"):
-                arrays = fedpt.proxy_tune_and_distill(rnd, arrays)
+        fedpt.record_devices([f.metrics for f in fits], uploads)
+        arrays = fedpt.after_aggregation(rnd, state_to_arrays(state))
         return to_parameters(self.keys, arrays.to_torch_state_dict()), {"train_loss": train_loss}
 
     def _check_mean_update(self, rnd: int, mean_update: NDArrays) -> None:

@@ -147,16 +147,10 @@ class FedPTStrategy(FedAvg):
                 ok.append(message)
         replied = {m.metadata.src_node_id for m in replies}
         problems += [f"node {node}: no reply within the round timeout" for node in self._sent if node not in replied]
-        for problem in problems:
-            log(WARNING, "round %s: update not aggregated: %s", server_round, problem)
-        record.clients, record.failures = len(ok), len(problems)
         if self._norms:
             record.update_norm_max = max(self._norms)
             record.update_norm_median = sorted(self._norms)[len(self._norms) // 2]
-        record.problems = problems
-        if len(ok) < self.min_results:
-            raise FedPTError(f"round {server_round}: {len(ok)} valid update(s), {self.min_results} needed "
-                             f"({'; '.join(problems)[:300] or 'no replies'})")
+        self.record_outcome(server_round, len(ok), problems)
         # Replies arrive in completion order; a fixed order makes the float sums reproducible.
         ok.sort(key=lambda m: (int(m.content[METRICS_KEY][NUM_EXAMPLES_KEY]),
                                float(m.content[METRICS_KEY]["train_loss"])))
@@ -178,17 +172,34 @@ class FedPTStrategy(FedAvg):
             record.dp_epsilon, record.dp_delta = spent.epsilon, spent.delta
         elif self.local_dp is not None:
             record.dp_epsilon, record.dp_delta = self.local_dp.spent(server_round)
-        sizes = [m.content[ARRAYS_KEY].count_bytes() for m in ok]
-        record.bytes_up, record.bytes_up_per_device = sum(sizes), max(sizes)
-        device_metrics = [m.content[METRICS_KEY] for m in ok]
         record.train_loss = float(metrics["train_loss"]) if metrics is not None else None
-        record.device_train_seconds = sum(float(d["train_seconds"]) for d in device_metrics) / len(ok)
-        record.device_train_tokens = sum(float(d["train_tokens"]) for d in device_metrics) / len(ok)
+        self.record_devices([m.content[METRICS_KEY] for m in ok], [m.content[ARRAYS_KEY].count_bytes() for m in ok])
+        return self.after_aggregation(server_round, arrays), metrics
+
+    def record_outcome(self, server_round: int, accepted: int, problems: list[str],
+                       counted: str = "valid update(s)") -> None:
+        """Log every device left out and why, count them in the round's record; too few accepted fail the round."""
+        for problem in problems:
+            log(WARNING, "round %s: update not aggregated: %s", server_round, problem)
+        self.record.clients, self.record.failures, self.record.problems = accepted, len(problems), problems
+        if accepted < self.min_results:
+            raise FedPTError(f"round {server_round}: {accepted} {counted}, {self.min_results} needed "
+                             f"({'; '.join(problems)[:300] or 'no replies'})")
+
+    def record_devices(self, device_metrics: list[Any], upload_bytes: list[int]) -> None:
+        """The aggregated devices' costs: mean train time and tokens, peak memory, bytes uploaded."""
+        record, n = self.record, len(device_metrics)
+        record.bytes_up, record.bytes_up_per_device = sum(upload_bytes), max(upload_bytes)
+        record.device_train_seconds = sum(float(d["train_seconds"]) for d in device_metrics) / n
+        record.device_train_tokens = sum(float(d["train_tokens"]) for d in device_metrics) / n
         record.device_peak_memory_bytes = max(int(d.get("peak_rss_bytes", 0)) for d in device_metrics)
-        if self.spec.distill:
-            with self.server_step(server_round, "proxy-tuning + distillation"):
-                arrays = self.proxy_tune_and_distill(server_round, arrays)
-        return arrays, metrics
+
+    def after_aggregation(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        """Steps 4-5 for FedPT (baselines skip them): the adapter the next round broadcasts."""
+        if not self.spec.distill:
+            return arrays
+        with self.server_step(server_round, "proxy-tuning + distillation"):
+            return self.proxy_tune_and_distill(server_round, arrays)
 
     def check_update(self, message: Message) -> str | None:
         """Why a device's update must not be averaged (None when it is fine).

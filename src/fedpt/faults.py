@@ -57,14 +57,13 @@ def device_fault(seed: int, crash: float, hang: float, exit_: float, server_roun
 def inject_device_faults(msg: Message, context: Context,
                          call_next: Callable[[Message, Context], Message]) -> Message:
     """Flower client mod: apply the run's ``[faults]`` to this device before it trains."""
-    from fedpt.config import FedPTConfig
-    from fedpt.federation.records import CONFIG_KEY
+    from fedpt.federation.records import message_config
 
-    records = msg.content.config_records  # message API: "config"; SecAgg+'s training stage: "fitins.config"
-    config = records.get("config") or records.get("fitins.config")
-    if config is None or CONFIG_KEY not in config:
+    found = message_config(msg)
+    if found is None:
         return call_next(msg, context)
-    faults = FedPTConfig.from_json(str(config[CONFIG_KEY])).faults
+    cfg, config = found
+    faults = cfg.faults
     if not (faults.crash or faults.hang or faults.exit):
         return call_next(msg, context)
     partition_id = int(context.node_config.get("partition-id", 0))

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from flwr.app import Context, Message
 
-from fedpt.federation.records import ARRAYS_KEY, CONFIG_KEY, arrays_to_state, state_to_arrays
+from fedpt.federation.records import ARRAYS_KEY, arrays_to_state, message_config, state_to_arrays
 
 
 @dataclass(frozen=True)
@@ -60,13 +60,11 @@ def privatize(broadcast: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor]
 
 def local_dp_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
     """Flower client mod: privatize this device's reply when the run asks for local DP."""
-    from fedpt.config import FedPTConfig
-
     reply = call_next(msg, context)
-    config = msg.content.config_records.get("config")
-    if reply.has_error() or config is None or CONFIG_KEY not in config or ARRAYS_KEY not in msg.content:
+    found = message_config(msg)
+    if reply.has_error() or found is None or ARRAYS_KEY not in msg.content:
         return reply
-    cfg = FedPTConfig.from_json(str(config[CONFIG_KEY]))
+    cfg = found[0]
     if cfg.privacy.dp != "local":
         return reply
     dp = LocalDp(cfg.privacy.local_epsilon, cfg.privacy.delta, cfg.privacy.clipping_norm)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from fedpt.config import FedPTConfig
 
@@ -27,3 +27,16 @@ def arrays_to_state(arrays: ArrayRecord) -> dict[str, Any]:
 
 def train_config(cfg: FedPTConfig, system: str) -> ConfigRecord:
     return ConfigRecord({CONFIG_KEY: cfg.to_json(), SYSTEM_KEY: system})
+
+
+def message_config(msg: Message) -> tuple[FedPTConfig, ConfigRecord] | None:
+    """The run config a training message carries, and its config record (for ``server-round``).
+
+    Message API: record ``config``; SecAgg+'s training stage: ``fitins.config``. None for other
+    messages (SecAgg+'s key exchange, queries), which client mods pass through untouched.
+    """
+    records = msg.content.config_records
+    config = records.get("config") or records.get("fitins.config")
+    if config is None or CONFIG_KEY not in config:
+        return None
+    return FedPTConfig.from_json(str(config[CONFIG_KEY])), config

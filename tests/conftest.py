@@ -13,6 +13,7 @@ FAST = ["--set", "data.eval_size=8", "--set", "data.kd_pool_size=8", "--set", "e
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # as the CLI sets it: before torch loads MKL
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # as the CLI sets it, whatever test runs first
 
 
 @pytest.fixture(scope="session", autouse=True)

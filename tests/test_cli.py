@@ -125,7 +125,8 @@ def test_resume_with_a_corrupt_checkpoint_is_refused_and_nothing_changes(tmp_pat
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     assert main(["run", "--no-progress", "--resume", str(run)]) == 2
     assert "is corrupt or incomplete" in _error_line(capsys)
-    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    # Only the run directory's lock file (taken before the checkpoints are read) is new.
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".fedpt.lock"} == before
 
 
 def test_a_misspelt_fault_injection_variable_is_refused(tmp_path, capsys, monkeypatch):
@@ -150,3 +151,14 @@ def test_an_occupied_superlink_port_is_one_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip() == (f"error: port {port} is in use (a SuperLink left running?): stop that process "
                                    "or set FEDPT_SUPERLINK_PORT")
+
+
+def test_a_data_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    data = tmp_path / "latin1.jsonl"
+    rows = [json.dumps({"instruction": f"q{i}", "response": f"a{i}"}) for i in range(60)]
+    rows[6] = '{"instruction": "caf\xe9", "response": "x"}'
+    data.write_bytes(("\n".join(rows) + "\n").encode("latin-1"))
+    assert _run("--set", f"data.source='{data}'", "--out", str(tmp_path / "run")) == 2
+    assert _error_line(capsys) == (f"error: {data}:7: not UTF-8 text (byte 0xe9 at column 20); "
+                                   "save the file as UTF-8")
+    assert not (tmp_path / "run").exists()

@@ -18,7 +18,7 @@ from flwr.supercore.run import Run
 from fedpt.errors import FedPTError
 from fedpt.federation import secagg
 from fedpt.federation.client_app import app as client_app
-from fedpt.federation.server_app import run_systems
+from fedpt.federation.driver import run_systems
 from fedpt.federation.records import state_to_arrays
 from fedpt.federation.strategy import FedPTStrategy
 from fedpt.metrics import RoundLog

@@ -81,7 +81,7 @@ def test_poisoned_and_malformed_updates_are_rejected_with_reasons():
 
 def test_robust_aggregators_resist_one_poisoned_device():
     from fedpt.config import load_config
-    from fedpt.federation.server_app import make_aggregator
+    from fedpt.federation.driver import make_aggregator
 
     for name in ("median", "trimmed-mean", "krum"):
         cfg = load_config(preset="tiny", overrides=[f"federation.aggregation='{name}'", "federation.trim_beta=0.2",
@@ -113,7 +113,7 @@ def test_central_dp_clips_adds_noise_and_accounts_epsilon_before_distillation():
     from flwr.app import ConfigRecord
 
     from fedpt.config import load_config
-    from fedpt.federation.server_app import make_aggregator
+    from fedpt.federation.driver import make_aggregator
 
     def dp_round(noise: float):
         cfg = load_config(preset="tiny", overrides=[
@@ -204,7 +204,7 @@ def test_central_dp_refuses_a_round_with_a_missing_device():
     from flwr.app import ConfigRecord
 
     from fedpt.config import load_config
-    from fedpt.federation.server_app import make_aggregator
+    from fedpt.federation.driver import make_aggregator
 
     cfg = load_config(preset="tiny", overrides=["privacy.dp='central'", "federation.min_results=1"])
     sampling = dict(fraction_train=1.0, min_train_nodes=3, min_available_nodes=3, fraction_evaluate=0.0)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedpt.config import FedPTConfig
 from fedpt.errors import FedPTError
 from fedpt.faults import kill_point
 
@@ -104,3 +105,11 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
             if (section, key) != ("federation", "rounds") and a.get(key) != b.get(key):
                 changed.append(f"{section}.{key}")
     return changed
+
+
+def check_same_config(checkpoint: Checkpoint, cfg: FedPTConfig, folder: Path) -> None:
+    """A checkpoint only continues the run that wrote it (``federation.rounds`` may grow)."""
+    changed = config_changes(checkpoint.config, cfg.to_dict())
+    if changed:
+        raise FedPTError(f"{folder} was written with a different config ({', '.join(changed[:5])} changed); "
+                         "resume with the run's own config.toml or start a new run")

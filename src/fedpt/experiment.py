@@ -26,6 +26,7 @@ ROLES = {"small": "tuned small", "proxy": "proxy-tuned large", "large": "tuned l
 
 def run_experiment(cfg: FedPTConfig, out_dir: Path, alphas: tuple[float, ...] = DEFAULT_ALPHAS,
                    verbose: bool = False, show_progress: bool = True, command: str = "fedpt experiment") -> Path:
+    from fedpt.runlock import LOCK_NAME, run_lock
     from fedpt.runner import run
 
     cfg.run.systems = list(SYSTEMS)
@@ -36,15 +37,16 @@ def run_experiment(cfg: FedPTConfig, out_dir: Path, alphas: tuple[float, ...] = 
         if saved.to_dict() != cfg.to_dict():
             raise FedPTError(f"{out_dir} holds an experiment with a different config; resume it with the same "
                              "preset and --set values, or choose another --out")
-    elif out_dir.exists() and any(out_dir.iterdir()):
+    elif out_dir.exists() and any(p.name != LOCK_NAME for p in out_dir.iterdir()):
         raise FedPTError(f"{out_dir} exists and is not a fedpt experiment; choose another --out")
-    summary = run(cfg, out_dir, verbose=verbose, show_progress=show_progress, resume=resume)
-    sweep = alpha_sweep(cfg, out_dir, alphas)
-    records = RoundLog(out_dir / "rounds.jsonl").records
-    costs = cost_table(cfg, records)
-    plots = make_plots(out_dir, records, sweep)
-    path = out_dir / "results.md"
-    path.write_text(results_markdown(cfg, summary, records, sweep, costs, plots, command))
+    with run_lock(out_dir):  # the whole experiment: the runs, the alpha sweep and results.md
+        summary = run(cfg, out_dir, verbose=verbose, show_progress=show_progress, resume=resume)
+        sweep = alpha_sweep(cfg, out_dir, alphas)
+        records = RoundLog(out_dir / "rounds.jsonl").records
+        costs = cost_table(cfg, records)
+        plots = make_plots(out_dir, records, sweep)
+        path = out_dir / "results.md"
+        path.write_text(results_markdown(cfg, summary, records, sweep, costs, plots, command))
     return path
 
 

@@ -1,5 +1,8 @@
-"""A run from the user's side: check everything, prepare the output directory, simulate, report.
+"""A run from the user's side: check everything, prepare the output directory, run, report.
 
+One way in for both entry points: ``fedpt run`` (``run`` below, Flower's simulation runtime)
+and ``flwr run .`` (``fedpt.federation.server_app``) prepare a run with ``prepared_run``
+(preflight, the run directory's lock, the output directory) and end it with ``write_summary``.
 Everything that can be checked before the first round is checked before the output directory
 is touched, so bad input never costs an earlier run its results.
 """
@@ -9,11 +12,14 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from fedpt.config import FedPTConfig
 from fedpt.errors import FedPTError
 from fedpt.metrics import PeakMemory, RoundRecord
+from fedpt.runlock import LOCK_NAME, run_lock
 from fedpt.systems import SYSTEM_SPECS
 
 
@@ -65,8 +71,7 @@ def check_memory(cfg: FedPTConfig) -> None:
 
 def check_resumable(cfg: FedPTConfig, out_dir: Path) -> None:
     """Every checkpoint must load (hash checked) and come from this config (rounds may grow)."""
-    from fedpt.federation.server_app import check_same_config
-    from fedpt.checkpoint import load_checkpoint
+    from fedpt.checkpoint import check_same_config, load_checkpoint
 
     for name in cfg.run.systems:
         folder = out_dir / name / "checkpoints"
@@ -75,19 +80,61 @@ def check_resumable(cfg: FedPTConfig, out_dir: Path) -> None:
             check_same_config(checkpoint, cfg, folder)
 
 
-def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """An existing, non-empty run directory is only replaced when the user says ``--overwrite``."""
+def check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """An existing, non-empty run directory is only replaced when the user says ``--overwrite``,
+    and ``--overwrite`` only ever replaces a fedpt run. Checks only: nothing is written."""
     if out_dir.exists() and not out_dir.is_dir():
         raise FedPTError(f"output path {out_dir} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
+    if _run_files(out_dir):
         if not overwrite:
             raise FedPTError(f"output directory {out_dir} already holds a run; pass --overwrite to replace it "
                              "or choose another --out")
         if not (out_dir / "config.toml").is_file():  # --overwrite deletes fedpt runs, nothing else
             raise FedPTError(f"{out_dir} is not empty and is not a fedpt run (no config.toml); "
                              "--overwrite will not delete it: choose another --out")
-        shutil.rmtree(out_dir)
+
+
+def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """``check_out_dir``, then empty the directory (``--overwrite``) or create it.
+
+    The lock file stays: the process replacing the run holds the lock on it.
+    """
+    check_out_dir(out_dir, overwrite)
+    for path in _run_files(out_dir):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _run_files(out_dir: Path) -> list[Path]:
+    """What the directory holds besides the lock file."""
+    return [p for p in out_dir.iterdir() if p.name != LOCK_NAME] if out_dir.is_dir() else []
+
+
+@contextmanager
+def prepared_run(cfg: FedPTConfig, out_dir: Path, overwrite: bool = False,
+                 resume: bool = False) -> Iterator[dict[str, int]]:
+    """Everything before the first round, for ``fedpt run`` and the ``flwr run .`` ServerApp alike.
+
+    Preflight (config, data, partitions, vocabularies, memory) before anything is written; then
+    the run directory's lock, held until the block ends (a second process on the same directory
+    is refused naming this one's PID); then, under the lock, the checkpoints of a resumed run are
+    checked, or a new run's directory is created (or replaced with ``overwrite``) with its
+    ``config.toml`` and partition report. Yields the size of each evaluation set (for the summary).
+    """
+    histogram, eval_sizes = preflight(cfg)
+    if not resume:
+        check_out_dir(out_dir, overwrite)  # refuse before creating the directory to lock it
+    with run_lock(out_dir):
+        if resume:
+            check_resumable(cfg, out_dir)
+        else:
+            prepare_out_dir(out_dir, overwrite)
+            cfg.save(out_dir / "config.toml")
+            write_partition_report(out_dir, histogram)
+        yield eval_sizes
 
 
 def run(cfg: FedPTConfig, out_dir: Path, overwrite: bool = False, verbose: bool = False,
@@ -103,21 +150,15 @@ def run(cfg: FedPTConfig, out_dir: Path, overwrite: bool = False, verbose: bool 
     if cfg.faults.exit:
         raise FedPTError("faults.exit kills a Ray worker that hosts several simulated devices, and Flower's "
                          "simulation does not restart it; use faults.crash here (exit is for real SuperNodes)")
-    histogram, eval_sizes = preflight(cfg)
-    if resume:
-        check_resumable(cfg, out_dir)
-    else:
-        prepare_out_dir(out_dir, overwrite)
-        cfg.save(out_dir / "config.toml")
-        write_partition_report(out_dir, histogram)
-    progress = Progress(cfg.run.systems, cfg.federation.rounds, enabled=show_progress)
-    start = time.perf_counter()
-    try:
-        with PeakMemory() as memory:
-            records = simulate(cfg, out_dir, progress, verbose)
-    finally:
-        progress.close()
-    return write_summary(out_dir, cfg, records, eval_sizes, time.perf_counter() - start, memory.peak_bytes)
+    with prepared_run(cfg, out_dir, overwrite=overwrite, resume=resume) as eval_sizes:
+        progress = Progress(cfg.run.systems, cfg.federation.rounds, enabled=show_progress)
+        start = time.perf_counter()
+        try:
+            with PeakMemory() as memory:
+                records = simulate(cfg, out_dir, progress, verbose)
+        finally:
+            progress.close()
+        return write_summary(out_dir, cfg, records, eval_sizes, time.perf_counter() - start, memory.peak_bytes)
 
 
 def write_partition_report(out_dir: Path, histogram: dict[str, list[int]]) -> None:

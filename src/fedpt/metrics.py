@@ -28,6 +28,8 @@ class RoundRecord:
     clients: int = 0  # replies aggregated
     failures: int = 0  # replies not aggregated: device errors/timeouts and rejected updates
     problems: list[str] = field(default_factory=list)  # why, per device
+    nodes: list[int] = field(default_factory=list)  # Flower node ids of the aggregated devices (sorted)
+    partitions: list[int] = field(default_factory=list)  # their partition-id (node config), same order
     update_norm_median: float | None = None  # L2 distance of valid updates to the broadcast adapter ...
     update_norm_max: float | None = None  # ... (before any DP clipping): guides privacy.clipping_norm
     bytes_down: int = 0  # server -> devices, all devices

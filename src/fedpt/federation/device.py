@@ -20,7 +20,7 @@ from flwr.app import Context
 from fedpt.config import FedPTConfig
 from fedpt.data.partition import partition_examples
 from fedpt.data.records import Example, load_examples
-from fedpt.federation.records import NUM_EXAMPLES_KEY
+from fedpt.federation.records import NUM_EXAMPLES_KEY, PARTITION_KEY
 from fedpt.models.lora import attach_lora, get_adapter_state, set_adapter_state
 from fedpt.systems import SYSTEM_SPECS
 from fedpt.train import local_tune
@@ -47,6 +47,7 @@ def tune_on_device(cfg_json: str, system: str, server_round: int, adapter: dict[
         "train_seconds": time.perf_counter() - start,
         # Peak resident memory of this device process so far (model + training), for cost tables.
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        PARTITION_KEY: partition_id,  # which device this was, for the round's record
     }
     return get_adapter_state(model), metrics
 
@@ -54,10 +55,17 @@ def tune_on_device(cfg_json: str, system: str, server_round: int, adapter: dict[
 def device_examples(cfg: FedPTConfig, context: Context) -> tuple[list[Example], int]:
     """This device's training examples and its partition id."""
     node = context.node_config
-    if "data-path" in node:
-        return load_examples(str(node["data-path"])), int(node.get("partition-id", 0))
+    if "data-path" in node:  # a real device: its own file, checked on first use (errors name file and line)
+        return _local_file(str(node["data-path"])), int(node.get("partition-id", 0))
     partition_id = int(node["partition-id"])
     return _partition(cfg.data.source, cfg.to_json(), partition_id, int(node["num-partitions"])), partition_id
+
+
+@lru_cache(maxsize=1)
+def _local_file(path: str) -> list[Example]:
+    # A broken or non-UTF-8 file raises FedPTError("<file>:<line>: ..."): the ClientApp fails this
+    # round, and the server logs and counts it as this device's failure with that reason.
+    return load_examples(path)
 
 
 @lru_cache(maxsize=4)

@@ -174,6 +174,8 @@ class FedPTStrategy(FedAvg):
             record.dp_epsilon, record.dp_delta = self.local_dp.spent(server_round)
         record.train_loss = float(metrics["train_loss"]) if metrics is not None else None
         self.record_devices([m.content[METRICS_KEY] for m in ok], [m.content[ARRAYS_KEY].count_bytes() for m in ok])
+        trained = sorted((m.metadata.src_node_id, int(m.content[METRICS_KEY].get(PARTITION_KEY, -1))) for m in ok)
+        record.nodes, record.partitions = [n for n, _ in trained], [p for _, p in trained]
         return self.after_aggregation(server_round, arrays), metrics
 
     def record_outcome(self, server_round: int, accepted: int, problems: list[str],

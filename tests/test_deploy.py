@@ -74,6 +74,20 @@ class Processes:
             self.stop(name)
 
 
+def processes_with_env(name: str, value: str) -> list[int]:
+    """PIDs of this user's live processes whose environment has ``name=value`` (children inherit it)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(name) == value:
+                found.append(proc.pid)
+        except (psutil.Error, OSError):
+            pass
+    return found
+
+
 def flwr(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "flwr"), *args], capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=timeout)
@@ -211,11 +225,14 @@ def test_unregistered_supernode_and_client_without_the_ca_are_refused(deployment
     no_ca = deployment.start_node("no-ca-node", "node-1", data, 0, "--max-retries", "0")
     assert no_ca.wait(timeout=180) != 0
     assert "CERTIFICATE_VERIFY_FAILED" in deployment.procs.log("no-ca-node"), deployment.procs.log("no-ca-node")[-2000:]
-    listed = flwr(deployment.procs.env, "supernode", "ls", "no-ca", "--format", "json")
-    assert listed.returncode != 0 and "CERTIFICATE_VERIFY_FAILED" in listed.stdout + listed.stderr
+    # flwr with a connection that lacks `root-certificates` fails; the same SuperLink with the CA answers.
+    refused = flwr(deployment.procs.env, "supernode", "ls", "no-ca", "--format", "json")
+    refused = json.loads(refused.stdout[refused.stdout.index("{"):])
+    assert refused["success"] is False and "unavailable" in refused["error-message"], refused
     listed = flwr(deployment.procs.env, "supernode", "ls", "fedpt", "--format", "json")
-    assert listed.returncode == 0, listed.stdout + listed.stderr
-    registered = {int(n["node-id"]) for n in json.loads(listed.stdout[listed.stdout.index("{"):])["nodes"]}
+    listed = json.loads(listed.stdout[listed.stdout.index("{"):])
+    assert listed["success"] is True, listed
+    registered = {int(n["node-id"]) for n in listed["nodes"]}
     assert registered == set(deployment.node_ids.values())  # the intruder's key never got a node id
 
 
@@ -229,7 +246,10 @@ def test_flwr_run_dot_as_a_user_types_it(tmp_path, fedpt_home):
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     out = tmp_path / "out"
     try:
-        result = flwr(env, "run", ".", "--stream", "--run-config", f'out="{out}" set="{TWO_DEVICES}; {FAST}"')
+        for _ in range(3):  # Flower gives its local SuperLink a fixed 15 s to start: too short on a busy host
+            result = flwr(env, "run", ".", "--stream", "--run-config", f'out="{out}" set="{TWO_DEVICES}; {FAST}"')
+            if "Failed to start local SuperLink within" not in result.stdout + result.stderr:
+                break
         rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()] \
             if (out / "rounds.jsonl").is_file() else []
         assert [r["round"] for r in rows] == [0, 1, 2], result.stdout[-3000:] + result.stderr[-2000:]
@@ -244,8 +264,6 @@ def test_flwr_run_dot_as_a_user_types_it(tmp_path, fedpt_home):
     finally:
         superlink = listening_pid(port)
         stopped = stop_local_superlink(port) if superlink else []
-    import psutil
-
-    assert superlink in stopped and not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"
-                                            for pid in stopped)
-    assert listening_pid(port) is None
+    assert superlink in stopped and listening_pid(port) is None
+    # Nothing that `flwr run .` started is left: no process carries this test's FLWR_HOME any more.
+    assert processes_with_env("FLWR_HOME", env["FLWR_HOME"]) == []

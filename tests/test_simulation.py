@@ -73,6 +73,10 @@ def test_flwr_run_uses_the_same_apps(tmp_path, fedpt_home):
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     assert [(r["system"], r["round"]) for r in rows] == [("fedavg-pt", 0), ("fedavg-pt", 1), ("fedavg-pt", 2)]
+    # The script stopped everything it started (and only that): no process carries its FLWR_HOME.
+    from .test_deploy import processes_with_env
+
+    assert processes_with_env("FLWR_HOME", str(tmp_path / "flwr-home")) == []
     assert rows[-1]["clients"] == 3 and rows[-1]["rougeL_proxy"] is not None
 
 

@@ -17,8 +17,26 @@ export PATH="$PWD/.venv/bin:$PATH" FLWR_TELEMETRY_ENABLED=0
 # A free port unless FEDPT_SUPERLINK_PORT names one (other people's SuperLinks may share this host).
 PORT=${FEDPT_SUPERLINK_PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 # An occupied port would make the SuperLink die after start-up with a long traceback: say it first.
-if ! python -c 'import socket, sys; socket.socket().bind(("127.0.0.1", int(sys.argv[1])))' "$PORT" 2>/dev/null; then
+# Only EADDRINUSE means "in use" (exit 3); anything else (no python, a bad port) is its own error.
+if ! command -v python >/dev/null; then
+    echo "error: no python on PATH: activate fedpt's virtual environment first" >&2
+    exit 2
+fi
+PORT_CHECK='
+import errno, socket, sys
+try:
+    socket.socket().bind(("127.0.0.1", int(sys.argv[1])))
+except OSError as err:
+    sys.exit(3 if err.errno == errno.EADDRINUSE else f"error: cannot bind 127.0.0.1:{sys.argv[1]}: {err}")
+except ValueError:
+    sys.exit(f"error: FEDPT_SUPERLINK_PORT={sys.argv[1]!r} is not a port number")
+'
+status=0
+python -c "$PORT_CHECK" "$PORT" || status=$?
+if [ "$status" = 3 ]; then
     echo "error: port $PORT is in use (a SuperLink left running?): stop that process or set FEDPT_SUPERLINK_PORT" >&2
+    exit 2
+elif [ "$status" != 0 ]; then
     exit 2
 fi
 export FLWR_HOME=${FLWR_HOME:-$(mktemp -d)}

@@ -135,22 +135,42 @@ def test_a_misspelt_fault_injection_variable_is_refused(tmp_path, capsys, monkey
     assert "FEDPT_KILL_AT='distilation@2': expected <point>@<round>" in _error_line(capsys)
 
 
-def test_an_occupied_superlink_port_is_one_line(tmp_path):
-    import socket
+def _port_check(tmp_path, port: str, path: str | None = None):
+    """The flwr-run-local.sh script up to its port check (it exits 2 there on every case below)."""
+    import os
     import subprocess
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "FEDPT_SUPERLINK_PORT": port, "FLWR_HOME": str(tmp_path)}
+    if path is not None:
+        env["PATH"] = path
+    return subprocess.run(["/bin/bash", str(root / "scripts" / "flwr-run-local.sh")], capture_output=True, text=True,
+                          env=env, timeout=60)
+
+
+def test_an_occupied_superlink_port_is_one_line(tmp_path):
+    import shutil
+    import socket
+
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        done = subprocess.run(["bash", str(root / "scripts" / "flwr-run-local.sh")], capture_output=True, text=True,
-                              env={**__import__("os").environ, "FEDPT_SUPERLINK_PORT": str(port),
-                                   "FLWR_HOME": str(tmp_path)}, timeout=60)
+        done = _port_check(tmp_path, str(port))
     assert done.returncode == 2
     assert done.stderr.strip() == (f"error: port {port} is in use (a SuperLink left running?): stop that process "
                                    "or set FEDPT_SUPERLINK_PORT")
+    # The same check for other reasons to fail says so instead of blaming a busy port (the check
+    # used to report "in use" for any failure of its python one-liner, e.g. no python on PATH).
+    done = _port_check(tmp_path, "notaport")
+    assert done.returncode == 2 and done.stderr.strip() == "error: FEDPT_SUPERLINK_PORT='notaport' is not a port number"
+    no_python = tmp_path / "bin"  # a PATH with the one tool the script needs before its check, no python
+    no_python.mkdir()
+    (no_python / "dirname").symlink_to(shutil.which("dirname"))
+    done = _port_check(tmp_path, str(port), path=str(no_python))
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: no python on PATH: activate fedpt's virtual environment first"
 
 
 def test_a_data_file_that_is_not_utf8_is_one_line(tmp_path, capsys):

@@ -109,38 +109,64 @@ class _Grid:
         return [11, 12, 13]
 
 
-def test_central_dp_clips_adds_noise_and_accounts_epsilon_before_distillation():
-    from flwr.app import ConfigRecord
-
+def _dp_strategy(noise: float) -> FedPTStrategy:
     from fedpt.config import load_config
     from fedpt.federation.driver import make_aggregator
 
-    def dp_round(noise: float):
-        cfg = load_config(preset="tiny", overrides=[
-            "privacy.dp='central'", f"privacy.noise_multiplier={noise}", "privacy.clipping_norm=0.5",
-            "federation.num_clients=3", "federation.clients_per_round=3"])
-        sampling = dict(fraction_train=1.0, min_train_nodes=3, min_available_nodes=3, fraction_evaluate=0.0)
-        strategy = FedPTStrategy(server=None, spec=SYSTEM_SPECS["fedavg-small"], round_log=RoundLog(None),
-                                 num_rounds=2, aggregator=make_aggregator(cfg, **sampling), **sampling)
-        zeros = ArrayRecord([np.zeros((2, 3), dtype=np.float32)])
-        sent = list(strategy.configure_train(1, zeros, ConfigRecord({}), _Grid()))
-        assert sorted(m.metadata.dst_node_id for m in sent) == [11, 12, 13]
-        # Updates of norm 10 * sqrt(6) are clipped to 0.5, then averaged uniformly (not by 10/20/30 examples).
-        replies = [_reply(10.0, n, 1.0) for n in (10, 20, 30)]
-        for reply, node in zip(replies, (11, 12, 13)):
-            reply.metadata.__dict__["_src_node_id"] = node
-        arrays, _ = strategy.aggregate_train(1, replies)
-        return arrays.to_numpy_ndarrays()[0], strategy.record, strategy
+    cfg = load_config(preset="tiny", overrides=[
+        "privacy.dp='central'", f"privacy.noise_multiplier={noise}", "privacy.clipping_norm=0.5",
+        "federation.num_clients=3", "federation.clients_per_round=3"])
+    sampling = dict(fraction_train=1.0, min_train_nodes=3, min_available_nodes=3, fraction_evaluate=0.0)
+    return FedPTStrategy(server=None, spec=SYSTEM_SPECS["fedavg-small"], round_log=RoundLog(None),
+                         num_rounds=3, aggregator=make_aggregator(cfg, **sampling), **sampling)
 
-    clipped, record, strategy = dp_round(noise=1e-6)
-    np.testing.assert_allclose(np.linalg.norm(clipped), 0.5, rtol=1e-4)  # clip norm, noise ~0
-    noisy, record, strategy = dp_round(noise=1.0)
-    assert abs(np.linalg.norm(noisy - clipped)) > 0.01  # std 1 * 0.5 / 3 per entry
-    assert record.dp_delta == 1e-5 and 0 < record.dp_epsilon < float("inf")
-    # The accountant's state is what checkpoints carry: a restored strategy reports the same epsilon.
-    state = strategy.strategy_state()
+
+def _dp_round(strategy: FedPTStrategy, rnd: int, values=(10.0, 10.0, 10.0)) -> np.ndarray:
+    """One round from a zero broadcast: nodes 11/12/13 reply ``values`` with 10/20/30 examples."""
+    from flwr.app import ConfigRecord
+
+    zeros = ArrayRecord([np.zeros((2, 3), dtype=np.float32)])
+    sent = list(strategy.configure_train(rnd, zeros, ConfigRecord({}), _Grid()))
+    assert sorted(m.metadata.dst_node_id for m in sent) == [11, 12, 13]
+    replies = [_reply(value, n, 1.0) for value, n in zip(values, (10, 20, 30))]
+    for reply, node in zip(replies, (11, 12, 13)):
+        reply.metadata.__dict__["_src_node_id"] = node
+    arrays, _ = strategy.aggregate_train(rnd, replies)
+    return arrays.to_numpy_ndarrays()[0]
+
+
+def test_central_dp_clips_each_update_then_averages_uniformly():
+    # Updates 0.01, 0.02 and 10 in each of 6 entries (norms 0.024, 0.049, 24.5): the first two are
+    # under the 0.5 clip, the third is scaled to norm 0.5, i.e. 0.5 / sqrt(6) = 0.2041 per entry.
+    # Uniform mean: (0.01 + 0.02 + 0.2041) / 3 = 0.07804 per entry; weighting by the 10/20/30
+    # examples would give (0.1 + 0.4 + 6.124) / 60 = 0.1104, and no clipping 3.343.
+    mean = _dp_round(_dp_strategy(noise=1e-6), 1, values=(0.01, 0.02, 10.0))
+    clipped = 0.5 / np.sqrt(6)
+    np.testing.assert_allclose(mean, np.full((2, 3), (0.01 + 0.02 + clipped) / 3), atol=1e-5)
+    noisy = _dp_round(_dp_strategy(noise=1.0), 1, values=(0.01, 0.02, 10.0))
+    assert np.abs(noisy - mean).max() > 0.01  # std 1 * 0.5 / 3 per entry
+
+
+def test_central_dp_accounts_epsilon_and_a_restored_strategy_continues_it():
+    strategy = _dp_strategy(noise=1.0)
+    _dp_round(strategy, 1)
+    first = strategy.record.dp_epsilon
+    assert strategy.record.dp_delta == 1e-5 and 0 < first < float("inf")
+    state = strategy.strategy_state()  # what a checkpoint carries
     assert set(state) == {"accountant"}
-    assert strategy.accountant.get_privacy_spent().epsilon == record.dp_epsilon
+    # A new server process: a fresh strategy, restored from the checkpointed state.
+    restored = _dp_strategy(noise=1.0)
+    assert restored.accountant.get_privacy_spent().epsilon != first  # nothing spent before the restore
+    restored.load_strategy_state(state)
+    assert restored.accountant.get_privacy_spent().epsilon == first
+    # Round 2 composes on top of round 1, as in the uninterrupted strategy; without the restore it
+    # would report round 1's epsilon again.
+    _dp_round(strategy, 2)
+    _dp_round(restored, 2)
+    assert restored.record.dp_epsilon == strategy.record.dp_epsilon > first
+    fresh = _dp_strategy(noise=1.0)
+    _dp_round(fresh, 2)
+    assert fresh.record.dp_epsilon == pytest.approx(first)
 
 
 def test_central_dp_refuses_robust_aggregation():

@@ -1,5 +1,7 @@
 import copy
 
+import pytest
+
 from fedpt.data.prompts import format_prompt
 from fedpt.data.records import load_examples, split_examples
 from fedpt.distill import build_kd_batches, distill, pool_kl
@@ -52,3 +54,74 @@ def test_teacher_cache_holds_response_positions_only(tiny_pair, tiny_cfg):
     assert batch.targets.tolist() == [300, 301, 302, tokenizer.eos_token_id, 400, tokenizer.eos_token_id]
     assert batch.teacher_logprobs.shape == (6, len(tokenizer))
     assert pool_kl(student, batches, 1.0) >= 0
+
+
+def test_kd_loss_is_forward_kl_at_temperature_times_t_squared_mixed_with_ce():
+    """kd_loss on random logits against the formula computed here with plain torch, at T = 2."""
+    import torch
+
+    from fedpt.distill import KDBatch, kd_loss
+
+    gen = torch.Generator().manual_seed(0)
+    n, vocab, temperature, ce_weight = 6, 11, 2.0, 0.3
+    z_teacher, z_student = torch.randn(n, vocab, generator=gen) * 3, torch.randn(n, vocab, generator=gen) * 3
+    targets = torch.randint(0, vocab, (n,), generator=gen)
+    batch = KDBatch(input_ids=torch.zeros(1, n, dtype=torch.long), attention_mask=torch.ones(1, n),
+                    select=torch.ones(1, n, dtype=torch.bool), targets=targets,
+                    teacher_logprobs=torch.log_softmax(z_teacher / temperature, dim=-1))
+    # Forward KL(p_t || p_s) = sum_v p_t(v) * (log p_t(v) - log p_s(v)), both at temperature T,
+    # averaged over the n response tokens; CE is the student's (T = 1) NLL of the teacher's token.
+    p_t = torch.exp(z_teacher / temperature) / torch.exp(z_teacher / temperature).sum(-1, keepdim=True)
+    p_s = torch.exp(z_student / temperature) / torch.exp(z_student / temperature).sum(-1, keepdim=True)
+    kl = (p_t * (p_t.log() - p_s.log())).sum(-1).mean()
+    nll = -(z_student[torch.arange(n), targets] - z_student.exp().sum(-1).log()).mean()
+    assert kl > 0.1 and abs(nll - kl) > 0.1  # distinguishable terms
+    torch.testing.assert_close(kd_loss(z_student, batch, temperature, 0.0), temperature**2 * kl)
+    torch.testing.assert_close(kd_loss(z_student, batch, temperature, ce_weight),
+                               (1 - ce_weight) * temperature**2 * kl + ce_weight * nll)
+    torch.testing.assert_close(kd_loss(z_student, batch, temperature, 1.0), nll)
+    # The student matching the teacher exactly: KL 0, whatever T.
+    torch.testing.assert_close(kd_loss(z_teacher, batch, temperature, 0.0), torch.tensor(0.0), atol=1e-6, rtol=0)
+
+
+def test_kd_loss_of_a_pool_counts_response_positions_only(tiny_pair, tiny_cfg):
+    """The loss distill() optimises, from left-padded batches, equals the same quantity computed
+    row by row on unpadded sequences with plain model forwards, at the positions whose next
+    token is a response token (the last prompt token up to the one before the final EOS)."""
+    import torch
+
+    from fedpt.data.prompts import encode_prompt
+    from fedpt.distill import _student_logits, kd_loss
+
+    tokenizer, small, large = tiny_pair
+    student = attach_lora(copy.deepcopy(small), tiny_cfg.lora, seed=0)
+    with torch.no_grad():  # a student that differs from the small base, so nothing cancels
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    cfg = copy.deepcopy(tiny_cfg.distill)
+    cfg.temperature, cfg.ce_weight, cfg.batch_size, cfg.max_new_tokens = 1.7, 0.25, 3, 4
+    prompts = ["### Instruction:\nHi\n\n### Response:\n", "### Instruction:\nName two colours\n\n### Response:\n",
+               "Tell me about the sun and the moon, please."]
+    responses = [[300, 301, 302], [400], [500, 501, 502, 503]]  # the last one fills max_new_tokens: no EOS
+    (batch,) = build_kd_batches(LocalLogitSource(large), tokenizer, prompts, responses, cfg, tiny_cfg.data)
+    with torch.no_grad():
+        loss = kd_loss(_student_logits(student, batch), batch, cfg.temperature, cfg.ce_weight)
+
+    kls, nlls = [], []
+    for prompt, response in zip(prompts, responses):
+        prompt_ids = encode_prompt(tokenizer, prompt, tiny_cfg.data.max_prompt_tokens)
+        text = response + ([tokenizer.eos_token_id] if len(response) < cfg.max_new_tokens else [])
+        ids = torch.tensor([prompt_ids + text])
+        with torch.no_grad():
+            z_t, z_s = large(input_ids=ids).logits[0], student(input_ids=ids).logits[0]
+        positions = range(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(text))  # predict text[k] at P-1+k
+        for pos, target in zip(positions, text):
+            log_p_t = torch.log_softmax(z_t[pos] / cfg.temperature, -1)
+            log_p_s = torch.log_softmax(z_s[pos] / cfg.temperature, -1)
+            kls.append(float((log_p_t.exp() * (log_p_t - log_p_s)).sum()))
+            nlls.append(float(-torch.log_softmax(z_s[pos], -1)[target]))
+    assert len(kls) == 4 + 2 + 4
+    expected = ((1 - cfg.ce_weight) * cfg.temperature**2 * sum(kls) / len(kls)
+                + cfg.ce_weight * sum(nlls) / len(nlls))
+    assert float(loss) == pytest.approx(expected, rel=1e-4)

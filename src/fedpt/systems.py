@@ -27,3 +27,18 @@ SYSTEM_SPECS: dict[str, SystemSpec] = {
                    summary="FedAvg on the small LM, proxy-tune the large LM at evaluation, no distillation"),
     )
 }
+
+
+def training_groups(systems: list[str]) -> list[list[str]]:
+    """The systems of a run grouped by identical device training, in run order.
+
+    FedAvg+PT is FedAvg-small's training with the proxy-tuned large LM evaluated on top: same
+    device model, no distillation, and every seed depends on (run seed, round, device), never on
+    the system. Such systems share one strategy (one set of device rounds) instead of training
+    twice; each still gets its own records, predictions, checkpoints and adapter.
+    """
+    groups: dict[tuple[str, bool], list[str]] = {}
+    for name in systems:
+        spec = SYSTEM_SPECS[name]
+        groups.setdefault((spec.device_model, spec.distill), []).append(name)
+    return list(groups.values())

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from fedpt.checkpoint import load_checkpoint
 from fedpt.cli import main
 from fedpt.config import load_config
-from fedpt.federation.server_app import target_met
+from fedpt.systems import target_met
 
 from .conftest import FAST
 from .test_traceable import model_file, recompute

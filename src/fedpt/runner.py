@@ -153,7 +153,7 @@ def write_summary(out_dir: Path, cfg: FedPTConfig, records: list[RoundRecord], e
     """``summary.json``: per system its pretrained and final records with 95% bootstrap intervals
     (from the saved predictions), the paper's comparisons as paired intervals, the target."""
     from fedpt.evaluate import protocol_name
-    from fedpt.federation.server_app import target_met
+    from fedpt.systems import target_met
     from fedpt.intervals import BOOTSTRAP, comparisons, record_intervals
 
     systems = {}

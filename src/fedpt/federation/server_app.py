@@ -25,7 +25,7 @@ from fedpt.metrics import RoundLog, RoundRecord
 from fedpt.predictions import remove_after
 from fedpt.progress import Progress
 from fedpt.server import ServerModels, load_eval_sets, load_splits
-from fedpt.systems import SYSTEM_SPECS, training_groups
+from fedpt.systems import SYSTEM_SPECS, target_met, training_groups
 
 
 def run_systems(grid: Grid, cfg: FedPTConfig, out_dir: Path | None, progress: Progress | None = None,
@@ -126,21 +126,6 @@ def _run_group(grid: Grid, cfg: FedPTConfig, out_dir: Path | None, progress: Pro
             adapter = checkpoint.adapter if checkpoint is not None else final
             server.load_adapter(SYSTEM_SPECS[name].device_model, adapter)
             server.model(SYSTEM_SPECS[name].device_model).save_pretrained(out_dir / name / "adapter")
-
-
-def target_met(cfg: FedPTConfig, system: str, records: list[dict]) -> bool:
-    """Did ``system`` stop at ``federation.target_rouge_l`` (its proxy-tuned large LM's held-out Rouge-L)?"""
-    target = cfg.federation.target_rouge_l
-    if not target or not SYSTEM_SPECS[system].proxy or not records:
-        return False
-    last = max(records, key=lambda row: row["round"])
-    return last["round"] > 0 and last.get("rougeL_proxy") is not None and last["rougeL_proxy"] >= target
-
-
-def system_finished(cfg: FedPTConfig, system: str, records: list[RoundRecord]) -> bool:
-    """Every round recorded, or stopped at the target."""
-    rows = [r.__dict__ for r in records if r.system == system]
-    return any(row["round"] >= cfg.federation.rounds for row in rows) or target_met(cfg, system, rows)
 
 
 def make_aggregator(cfg: FedPTConfig, **sampling: Any) -> Strategy | None:

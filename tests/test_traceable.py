@@ -115,9 +115,11 @@ def test_every_rouge_l_is_recomputable_from_the_predictions(experiment):
         system, set_name = line[:14].strip(), line[14:30].strip()
         if system not in summary["systems"]:
             continue
-        for k, (rnd, role) in enumerate([(0, "small"), (0, "large"), (None, "small"), (None, "proxy"),
-                                         (None, "large")]):
-            text = line[30 + 21 * k: 30 + 21 * (k + 1)].split("[")[0].strip()
+        texts = re.findall(r"(?:^|\s)(-|\d+\.\d\d \[[^]]*\])", line[30:])
+        assert len(texts) == 5, line
+        for text, (rnd, role) in zip(texts, [(0, "small"), (0, "large"), (None, "small"), (None, "proxy"),
+                                             (None, "large")]):
+            text = text.split("[")[0].strip()
             if text != "-":
                 path = model_file(run, system, finals[system] if rnd is None else 0, set_name, role)
                 assert abs(recompute(path)[0] - float(text)) < PRINTED, (line, role)

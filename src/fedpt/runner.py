@@ -213,7 +213,7 @@ def format_table(summary: dict) -> str:
             return f"{'-':>21}"
         if interval is None:
             return f"{value:>21.2f}"
-        return f"{value:>8.2f} [{interval['low']:5.1f},{interval['high']:5.1f}]"
+        return f"{value:>7.2f} [{interval['low']:5.1f},{interval['high']:5.1f}]"  # 21 wide
 
     header = (f"{'system':<14}{'eval set':<16}{'small@0':>21}{'large@0':>21}{'small':>21}{'proxy':>21}"
               f"{'large':>21}")

@@ -4,6 +4,8 @@
               [--system NAME|all] [--out DIR] [--overwrite]
     fedpt run --resume DIR
     fedpt generate --run DIR [--alpha A] [--model proxy|small|large] "prompt"
+    fedpt eval --run DIR [--data FILE|builtin:NAME ...] [--set eval.key=value ...] [--system S ...]
+               [--model pretrained-small|pretrained-large|small|proxy|large ...] [--name NAME]
     fedpt experiment [--preset NAME | --config FILE] [--set ...] [--out DIR] [--alphas 0.5,1,1.5,2]
     fedpt systems
     fedpt models list|fetch|verify [NAME ...]
@@ -64,6 +66,21 @@ def _parser() -> argparse.ArgumentParser:
                      help="proxy-tuned large (default), tuned small, or the large LM")
     gen.add_argument("--max-new-tokens", type=int)
     gen.add_argument("prompt")
+
+    ev = sub.add_parser("eval", help="score a finished run's models on any instruction set (no retraining); "
+                                     "writes <run>/evals/<name>/")
+    ev.add_argument("--run", type=Path, required=True, help="a run's output directory")
+    ev.add_argument("--data", action="extend", nargs="+", metavar="FILE|builtin:NAME",
+                    help="evaluation sets, in any format data.source accepts (default: the run's own sets)")
+    ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="eval.<key>=value (protocol, seeds, max_new_tokens, ...) or data.fields / "
+                         "data.eval_sets_size (repeatable)")
+    ev.add_argument("--system", dest="systems", action="append", metavar="NAME",
+                    help="which of the run's systems (repeatable; default: all that finished)")
+    ev.add_argument("--model", dest="models", action="append", metavar="MODEL",
+                    help="pretrained-small|pretrained-large|small|proxy|large (repeatable; default: the "
+                         "pretrained pair and what each system reports)")
+    ev.add_argument("--name", help="output folder under <run>/evals/ (default: a timestamp)")
 
     sub.add_parser("systems", help="list FedPT and the baselines")
 
@@ -151,6 +168,19 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from fedpt.eval_run import evaluate_run
+    from fedpt.runner import format_table
+
+    if args.name is not None and (not args.name or "/" in args.name or args.name in (".", "..")):
+        raise FedPTError(f"--name must be a plain folder name, got '{args.name}'")
+    out_dir, summary = evaluate_run(args.run.resolve(), args.data, args.overrides, args.systems, args.models,
+                                    args.name)
+    print(format_table(summary))
+    print(f"results: {out_dir}/summary.json, table.txt; predictions: {out_dir}/<system>/predictions/")
+    return 0
+
+
 def _cmd_experiment(args: argparse.Namespace) -> int:
     from fedpt.experiment import run_experiment
 
@@ -203,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_environment()
     commands = {"run": _cmd_run, "generate": _cmd_generate, "systems": _cmd_systems, "models": _cmd_models,
-                "experiment": _cmd_experiment, "deploy": _cmd_deploy}
+                "experiment": _cmd_experiment, "deploy": _cmd_deploy, "eval": _cmd_eval}
     try:
         return commands[args.command](args)
     except FedPTError as err:

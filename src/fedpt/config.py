@@ -110,6 +110,10 @@ class FederationConfig:
     max_update_norm: float = 0.0  # reject an update whose L2 distance to the broadcast exceeds this (0 = off)
     secure_aggregation: bool = False  # SecAgg+: the server sees only the sum of the updates (fedpt.federation.secagg)
     secagg_max_weight: float = 0.0  # SecAgg+: bound on a device's example count (0 = size of the device split)
+    # Stop a system once its proxy-tuned large LM reaches this Rouge-L on the held-out set (checked
+    # when it is evaluated: every eval.every rounds); `rounds` stays the budget. 0 = off.
+    # Systems without a proxy-tuned large LM (fedavg-small, fedavg-large) run every round.
+    target_rouge_l: float = 0.0
 
     def validate(self) -> None:
         _check_positive("federation.num_clients", self.num_clients)
@@ -121,6 +125,7 @@ class FederationConfig:
         _check_range("federation.krum_malicious", self.krum_malicious, 0, 10**6)
         _check_range("federation.max_update_norm", self.max_update_norm, 0.0, float("inf"))
         _check_range("federation.secagg_max_weight", self.secagg_max_weight, 0.0, float("inf"))
+        _check_range("federation.target_rouge_l", self.target_rouge_l, 0.0, 100.0)
         if not 1 <= self.min_results <= self.clients_per_round:
             raise FedPTError(f"federation.min_results must be between 1 and clients_per_round "
                              f"({self.clients_per_round}), got {self.min_results}")
@@ -191,6 +196,11 @@ class EvalConfig:
     max_new_tokens: int = 32
     batch_size: int = 8
     no_repeat_ngram_size: int = 6  # used by the sampling protocol, as in MiniLLM
+    # `fedpt experiment`'s alpha sweep: which evaluation sets (by name, e.g. "dolly-15k"; empty =
+    # all) and how many of each set's prompts (its first N; 0 = all). The run's own alpha is
+    # always scored on every prompt during training.
+    sweep_sets: list[str] = field(default_factory=list)
+    sweep_size: int = 0
 
     def validate(self) -> None:
         _check_positive("eval.every", self.every)
@@ -200,6 +210,7 @@ class EvalConfig:
         _check_positive("eval.max_new_tokens", self.max_new_tokens)
         _check_positive("eval.batch_size", self.batch_size)
         _check_range("eval.no_repeat_ngram_size", self.no_repeat_ngram_size, 0, 64)
+        _check_range("eval.sweep_size", self.sweep_size, 0, 10**9)
 
 
 @dataclass

@@ -8,6 +8,11 @@
 3. a cost table per system (device parameters, bytes, memory, FLOPs, seconds; server seconds);
 4. plots (Rouge-L per round per set, like the paper's Figure 2; Rouge-L vs alpha, Figure 4) and
    ``results.md`` with the tables, the protocol and the command.
+
+Every Rouge-L in ``results.md`` comes with a 95% bootstrap interval over prompts and names the
+prediction file it is the mean of (``fedpt.predictions``); the paper's comparisons are paired
+bootstrap intervals of the difference (``fedpt.intervals``), and a claim is stated only where
+the interval excludes zero.
 """
 
 from __future__ import annotations
@@ -44,43 +49,94 @@ def run_experiment(cfg: FedPTConfig, out_dir: Path, alphas: tuple[float, ...] = 
         sweep = alpha_sweep(cfg, out_dir, alphas)
         records = RoundLog(out_dir / "rounds.jsonl").records
         costs = cost_table(cfg, records)
-        plots = make_plots(out_dir, records, sweep)
+        intervals = round_intervals(out_dir, records)
+        plots = make_plots(out_dir, records, sweep, intervals)
         path = out_dir / "results.md"
-        path.write_text(results_markdown(cfg, summary, records, sweep, costs, plots, command))
+        path.write_text(results_markdown(cfg, summary, records, sweep, costs, plots, command, intervals, out_dir))
     return path
+
+
+def round_intervals(out_dir: Path, records: list[RoundRecord]) -> dict[tuple[str, int, str, str], dict]:
+    """{(system, round, set, role): 95% interval} for every evaluated record, from its prediction file."""
+    from fedpt.intervals import record_intervals
+
+    return {(r.system, r.round, set_name, role): interval
+            for r in records
+            for set_name, roles in record_intervals(out_dir, r.system, json.loads(r.to_json())).items()
+            for role, interval in roles.items()}
+
+
+def final_rounds(records: list[RoundRecord]) -> dict[str, int]:
+    """Each system's last recorded round (earlier than federation.rounds if it met its target)."""
+    last: dict[str, int] = {}
+    for r in records:
+        last[r.system] = max(last.get(r.system, 0), r.round)
+    return last
+
+
+def sweep_file(out_dir: Path, cfg: FedPTConfig, system: str, final_round: int, set_name: str, alpha: float) -> Path:
+    """The predictions behind one alpha-sweep value: the run's own alpha is its last round's proxy file."""
+    from fedpt.predictions import prediction_path
+
+    model = "proxy" if alpha == cfg.proxy.alpha else f"proxy-alpha{alpha:g}"
+    return prediction_path(out_dir, system, final_round, set_name, model)
 
 
 def alpha_sweep(cfg: FedPTConfig, out_dir: Path, alphas: tuple[float, ...],
                 systems: tuple[str, ...] = ("fedpt",)) -> dict:
     """Rouge-L of FedPT's proxy-tuned large LM per alpha (the paper's Figure 4), final adapter.
 
-    The run's own alpha was already scored at the last round: that record is reused.
+    The run's own alpha was already scored at the last round: that record (and its prediction
+    file) is reused. ``eval.sweep_sets`` / ``eval.sweep_size`` restrict the sweep to some sets
+    and to their first prompts (a cheaper sweep); the run's own alpha then reads the same
+    prompts from its last round's predictions. Each other alpha writes its own predictions.
     """
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    from fedpt.predictions import per_prompt_scores, read_predictions, write_predictions
     from fedpt.server import ServerModels, load_splits
 
     path = out_dir / "alpha_sweep.json"
     sweep: dict = json.loads(path.read_text()) if path.is_file() else {}
-    final = {r.system: r for r in RoundLog(out_dir / "rounds.jsonl").records if r.round == cfg.federation.rounds}
+    records = RoundLog(out_dir / "rounds.jsonl").records
+    last = final_rounds(records)
+    final = {r.system: r for r in records if r.round == last.get(r.system)}
+    wanted = sweep_sets(cfg, [name for r in records for name in r.rougeL_sets])
     for system in systems:
         if cfg.proxy.alpha in alphas and system in final and final[system].rougeL_sets:
-            sweep.setdefault(system, {})[str(cfg.proxy.alpha)] = {
-                name: roles["proxy"] for name, roles in final[system].rougeL_sets.items() if "proxy" in roles}
+            scores = {}
+            for name in wanted:
+                rows = read_predictions(sweep_file(out_dir, cfg, system, last[system], name, cfg.proxy.alpha))
+                values = list(per_prompt_scores(rows).values())[:cfg.eval.sweep_size or None]
+                scores[name] = sum(values) / len(values)
+            sweep.setdefault(system, {})[str(cfg.proxy.alpha)] = scores
     todo = [(system, alpha) for system in systems for alpha in alphas if str(alpha) not in sweep.get(system, {})]
     if not todo:
         return sweep
     server = ServerModels.load(cfg, load_splits(cfg), large_trainable=False)
+    server.eval_sets = {name: server.eval_sets[name][:cfg.eval.sweep_size or None] for name in wanted}
     for system, alpha in todo:
         adapter = load_file(out_dir / system / "adapter" / "adapter_model.safetensors")
         set_peft_model_state_dict(server.small, adapter)
         results = server.evaluate(server.proxy_tune(alpha=alpha))
+        for name, result in results.items():
+            write_predictions(sweep_file(out_dir, cfg, system, last[system], name, alpha), result)
         sweep.setdefault(system, {})[str(alpha)] = {name: r.rouge_l for name, r in results.items()}
         path.write_text(json.dumps(sweep, indent=1))  # saved per alpha: a stop loses at most one
         print(f"alpha sweep: {system} alpha={alpha}: "
               + ", ".join(f"{k} {v:.2f}" for k, v in sweep[system][str(alpha)].items()), file=sys.stderr)
     return sweep
+
+
+def sweep_sets(cfg: FedPTConfig, names: list[str]) -> list[str]:
+    """The evaluation sets the alpha sweep covers (``eval.sweep_sets``; empty = all), in run order."""
+    names = list(dict.fromkeys(names))
+    unknown = [n for n in cfg.eval.sweep_sets if n not in names]
+    if unknown:
+        raise FedPTError(f"eval.sweep_sets names {', '.join(unknown)}, not an evaluation set of this run "
+                         f"({', '.join(names)})")
+    return [n for n in names if not cfg.eval.sweep_sets or n in cfg.eval.sweep_sets]
 
 
 def cost_table(cfg: FedPTConfig, records: list[RoundRecord]) -> list[dict]:
@@ -119,7 +175,9 @@ def cost_table(cfg: FedPTConfig, records: list[RoundRecord]) -> list[dict]:
     return rows
 
 
-def make_plots(out_dir: Path, records: list[RoundRecord], sweep: dict) -> list[str]:
+def make_plots(out_dir: Path, records: list[RoundRecord], sweep: dict,
+               intervals: dict[tuple[str, int, str, str], dict] | None = None) -> list[str]:
+    """Rouge-L per round per set (95% intervals as error bars) and Rouge-L vs alpha."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,7 +195,13 @@ def make_plots(out_dir: Path, records: list[RoundRecord], sweep: dict) -> list[s
                           for scores in [r.rougeL_sets.get(set_name, {})]]
                 points = [(x, y) for x, y in points if y is not None]
                 if len(points) > 1:
-                    ax.plot(*zip(*points), marker="o", label=f"{system}: {label}")
+                    bars = [(intervals or {}).get((system, x, set_name, role if x or role != "proxy" else "large"))
+                            for x, y in points]
+                    errors = None
+                    if all(bars):
+                        errors = [[y - b["low"] for (_, y), b in zip(points, bars)],
+                                  [b["high"] - y for (_, y), b in zip(points, bars)]]
+                    ax.errorbar(*zip(*points), yerr=errors, marker="o", capsize=3, label=f"{system}: {label}")
         ax.set_title(set_name)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("round")
@@ -171,9 +235,23 @@ def _first_set(records: list[RoundRecord]) -> str:
 
 
 def results_markdown(cfg: FedPTConfig, summary: dict, records: list[RoundRecord], sweep: dict,
-                     costs: list[dict], plots: list[str], command: str) -> str:
+                     costs: list[dict], plots: list[str], command: str,
+                     intervals: dict[tuple[str, int, str, str], dict] | None = None,
+                     out_dir: Path | None = None) -> str:
+    from fedpt.intervals import ALL_SETS, NOT_DISTINGUISHABLE
+    from fedpt.predictions import model_name, prediction_path
     from fedpt.runner import format_table
+    from fedpt.systems import training_groups
 
+    intervals = intervals or {}
+
+    def ci(interval: dict | None) -> str:
+        return f"[{interval['low']:.2f}, {interval['high']:.2f}]" if interval else ""
+
+    def relative(path: Path) -> str:
+        return str(path.relative_to(out_dir)) if out_dir is not None else path.name
+
+    boot = summary.get("bootstrap", {})
     lines = ["# FedPT experiment results", "",
              f"Command: `{command}`", "",
              f"Models: small `{cfg.model.small}`, large `{cfg.model.large}` ({cfg.model.dtype}); "
@@ -182,24 +260,53 @@ def results_markdown(cfg: FedPTConfig, summary: dict, records: list[RoundRecord]
              f"{f', alpha={cfg.data.dirichlet_alpha}' if cfg.data.partitioner == 'dirichlet' else ''}); "
              f"seed {cfg.run.seed}.", "",
              f"Evaluation: {summary['eval_protocol']}; prompt template `{cfg.data.template}`; sets: "
-             + ", ".join(f"{name}" for name in (records[0].rougeL_sets if records else {})) + ".", "",
-             "## Rouge-L, pretrained and final", "", "```", format_table(summary), "```", "",
-             "## Rouge-L per round", ""]
-    lines.append("| system | round | " + " | ".join(f"{s} {role}" for s in _sets(records) for role in ROLES) + " |")
-    lines.append("|---|---|" + "---|" * (len(_sets(records)) * len(ROLES)))
+             + ", ".join(f"{name} ({n} prompts)" for name, n in summary.get("eval_sets", {}).items()) + ".", "",
+             f"Intervals: 95% {boot.get('method', 'bootstrap')}; {boot.get('samples')} resamples, seed "
+             f"{boot.get('seed')} (a rerun gives the same intervals). Every number is the mean of the "
+             "`rouge_l` column of the prediction file named next to it (under the run directory).", "",
+             "## Rouge-L, pretrained and final", "", "```", format_table(summary), "```", ""]
+    if summary.get("comparisons"):
+        lines += ["## The paper's comparisons (paired bootstrap on the same prompts)", "",
+                  f"A claim is stated only where the 95% interval of the difference excludes zero; otherwise "
+                  f"\"{NOT_DISTINGUISHABLE}\". `{ALL_SETS}` pools the prompts of every set.", "",
+                  "| comparison | eval set | A | B | Rouge-L A | Rouge-L B | A − B | 95% CI | n | finding |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for row in summary["comparisons"]:
+            lines.append(f"| {row['comparison']} | {row['set']} | {row['a']} | {row['b']} | {row['a_rouge_l']:.2f} | "
+                         f"{row['b_rouge_l']:.2f} | {row['diff_estimate']:+.2f} | "
+                         f"[{row['diff_low']:+.2f}, {row['diff_high']:+.2f}] | {row['diff_n']} | {row['verdict']} |")
+        lines.append("")
+    target = cfg.federation.target_rouge_l
+    if target:
+        lines += [f"Target Rouge-L {target:g} (proxy-tuned large LM, held-out set): " + ", ".join(
+            f"{name} {'reached at round ' + str(info['rounds_run']) if (info['target_rouge_l'] or {}).get('reached') else 'not reached'}"
+            for name, info in summary["systems"].items() if _has_proxy(name)) + ".", ""]
+    lines += ["## Rouge-L per round", "",
+              "| system | round | eval set | model | Rouge-L | 95% CI | predictions |", "|---|---|---|---|---|---|---|"]
     for r in records:
-        if not r.rougeL_sets:
-            continue  # a round without evaluation (eval.every)
-        cells = [f"{r.rougeL_sets.get(s, {}).get(role):.2f}" if role in r.rougeL_sets.get(s, {}) else ""
-                 for s in _sets(records) for role in ROLES]
-        lines.append(f"| {r.system} | {r.round} | " + " | ".join(cells) + " |")
+        for set_name, roles in r.rougeL_sets.items():  # rounds without evaluation (eval.every) have none
+            for role, value in roles.items():
+                path = prediction_path(out_dir or Path("."), r.system, r.round, set_name, model_name(role, r.round))
+                lines.append(f"| {r.system} | {r.round} | {set_name} | {model_name(role, r.round)} | {value:.2f} | "
+                             f"{ci(intervals.get((r.system, r.round, set_name, role)))} | {relative(path)} |")
     if sweep:
-        lines += ["", "## Alpha sweep (proxy-tuned large LM, final adapter)", "",
-                  "| system | alpha | " + " | ".join(_sets(records)) + " |", "|---|---|" + "---|" * len(_sets(records))]
+        last = final_rounds(records)
+        size = f", first {cfg.eval.sweep_size} prompts per set" if cfg.eval.sweep_size else ""
+        lines += ["", f"## Alpha sweep (proxy-tuned large LM, final adapter{size})", "",
+                  "| system | alpha | eval set | Rouge-L | 95% CI | predictions |", "|---|---|---|---|---|---|"]
         for system, by_alpha in sweep.items():
             for alpha in sorted(by_alpha, key=float):
-                lines.append(f"| {system} | {alpha} | " + " | ".join(
-                    f"{by_alpha[alpha].get(s, float('nan')):.2f}" for s in _sets(records)) + " |")
+                for set_name, value in by_alpha[alpha].items():
+                    path = sweep_file(out_dir or Path("."), cfg, system, last.get(system, 0), set_name, float(alpha))
+                    interval = None
+                    if out_dir is not None and path.is_file():
+                        from fedpt.predictions import per_prompt_scores, read_predictions
+                        from fedpt.stats import bootstrap_ci
+
+                        scores = list(per_prompt_scores(read_predictions(path)).values())
+                        interval = bootstrap_ci(scores[:cfg.eval.sweep_size or None]).to_json()
+                    lines.append(f"| {system} | {alpha} | {set_name} | {value:.2f} | {ci(interval)} | "
+                                 f"{relative(path)} |")
     lines += ["", "## Cost per device per round (means over rounds) and server time", "",
               "| system | device LM | trainable params | bytes up | bytes down | device peak RSS | "
               "device TFLOPs (6·N·tokens) | device train s | server KD s | round s |",
@@ -209,12 +316,25 @@ def results_markdown(cfg: FedPTConfig, summary: dict, records: list[RoundRecord]
                      f"{c['bytes_up_per_device'] / 2**20:.2f} MiB | {c['bytes_down_per_device'] / 2**20:.2f} MiB | "
                      f"{c['device_peak_memory_bytes'] / 2**30:.2f} GiB | {c['device_train_tflops_est']:.1f} | "
                      f"{c['device_train_seconds']:.1f} | {c['server_distill_seconds']:.1f} | {c['round_seconds']:.1f} |")
+    groups = [g for g in training_groups(list(dict.fromkeys(r.system for r in records))) if len(g) > 1]
+    if groups:
+        lines += ["", "Shared device rounds: " + "; ".join(" and ".join(g) for g in groups)
+                  + " train once (same seeds and adapters; only the evaluation differs), so their device costs "
+                  "are the same rounds, counted once in the time below."]
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
-    total = sum(r.seconds for r in records)
-    lines += ["", f"Time in rounds, all systems (sum of `seconds` in rounds.jsonl, evaluation included): "
-              f"{total:.0f} s. Device peak RSS is the device process's lifetime peak (`ru_maxrss`), so a "
+    # Shared rounds count once: per training group, the longest member's time.
+    total = sum(max(sum(r.seconds for r in records if r.system == name) for name in group)
+                for group in training_groups(list(dict.fromkeys(r.system for r in records))))
+    lines += ["", f"Time in rounds, all systems (sum of `seconds` in rounds.jsonl, evaluation included, shared "
+              f"rounds once): {total:.0f} s. Device peak RSS is the device process's lifetime peak (`ru_maxrss`), so a "
               "process that trained the large LM earlier in the same run reports that peak later too."]
     return "\n".join(lines) + "\n"
+
+
+def _has_proxy(name: str) -> bool:
+    from fedpt.systems import SYSTEM_SPECS
+
+    return SYSTEM_SPECS[name].proxy
 
 
 def _sets(records: list[RoundRecord]) -> list[str]:

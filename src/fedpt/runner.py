@@ -191,25 +191,40 @@ def write_partition_report(out_dir: Path, histogram: dict[str, list[int]]) -> No
 
 def write_summary(out_dir: Path, cfg: FedPTConfig, records: list[RoundRecord], eval_sizes: dict[str, int],
                   wall_seconds: float | None, peak_memory_bytes: int | None) -> dict:
+    """``summary.json``: per system its pretrained and final records with 95% bootstrap intervals
+    (from the saved predictions), the paper's comparisons as paired intervals, the target."""
     from fedpt.evaluate import protocol_name
+    from fedpt.systems import target_met
+    from fedpt.intervals import BOOTSTRAP, comparisons, record_intervals
 
     systems = {}
     for name in cfg.run.systems:
         rows = [r for r in records if r.system == name]
         final = max(rows, key=lambda r: r.round) if rows else None
         pretrained = next((r for r in rows if r.round == 0), None)
+        target = cfg.federation.target_rouge_l
         systems[name] = {
             "description": SYSTEM_SPECS[name].summary,
             "final": final.__dict__ if final else None,
             "pretrained": pretrained.__dict__ if pretrained else None,
+            "ci": {"pretrained": record_intervals(out_dir, name, pretrained.__dict__ if pretrained else None),
+                   "final": record_intervals(out_dir, name, final.__dict__ if final else None)},
+            "predictions": str(out_dir / name / "predictions"),
             "adapter": str(out_dir / name / "adapter"),
+            "rounds_run": final.round if final else 0,
+            "target_rouge_l": {"target": target or None,
+                               "reached": target_met(cfg, name, [r.__dict__ for r in rows]) if target else None},
         }
+    sets = list(eval_sizes)
+    final_rounds = {name: info["rounds_run"] for name, info in systems.items() if info["final"]}
     summary = {
         "systems": systems,
         "rounds": cfg.federation.rounds,
         "eval_protocol": protocol_name(cfg.eval),
         "prompt_template": cfg.data.template,
         "eval_sets": eval_sizes,
+        "bootstrap": BOOTSTRAP,
+        "comparisons": comparisons(out_dir, final_rounds, sets),
         "privacy": _privacy_summary(cfg, systems),
         "wall_seconds": wall_seconds,
         "peak_memory_bytes": peak_memory_bytes,
@@ -232,21 +247,45 @@ def _privacy_summary(cfg: FedPTConfig, systems: dict) -> dict:
 
 
 def format_table(summary: dict) -> str:
-    """Rouge-L per system and evaluation set: pretrained (round 0) and after the last round."""
-    def cell(value: float | None) -> str:
-        return f"{value:>10.2f}" if value is not None else f"{'-':>10}"
+    """Rouge-L per system and evaluation set with 95% bootstrap intervals: pretrained (round 0) and
+    after the last round; then the paper's comparisons as paired intervals of the difference."""
+    def cell(value: float | None, interval: dict | None) -> str:
+        if value is None:
+            return f"{'-':>21}"
+        if interval is None:
+            return f"{value:>21.2f}"
+        return f"{value:>7.2f} [{interval['low']:5.1f},{interval['high']:5.1f}]"  # 21 wide
 
-    header = f"{'system':<14}{'eval set':<16}{'small@0':>10}{'large@0':>10}{'small':>10}{'proxy':>10}{'large':>10}"
-    lines = [f"Rouge-L ({summary['eval_protocol']}); @0 = pretrained, others after round {summary['rounds']}",
-             header, "-" * len(header)]
+    header = (f"{'system':<14}{'eval set':<16}{'small@0':>21}{'large@0':>21}{'small':>21}{'proxy':>21}"
+              f"{'large':>21}")
+    ran = {name: info.get("rounds_run", summary["rounds"]) for name, info in summary["systems"].items()}
+    after = (f"round {summary['rounds']}" if set(ran.values()) <= {summary["rounds"]}
+             else "the last round (" + ", ".join(f"{name}: {n}" for name, n in ran.items()) + ")")
+    lines = [f"Rouge-L ({summary['eval_protocol']}) [95% bootstrap CI over prompts]; @0 = pretrained, "
+             f"others after {after}", header, "-" * len(header)]
     for name, info in summary["systems"].items():
         first, last = info["pretrained"] or {}, info["final"] or {}
+        ci = info.get("ci") or {}
+        ci0, ci1 = ci.get("pretrained") or {}, ci.get("final") or {}
         for set_name in (last.get("rougeL_sets") or first.get("rougeL_sets") or {}):
             before = first.get("rougeL_sets", {}).get(set_name, {})
-            after = last.get("rougeL_sets", {}).get(set_name, {})
-            lines.append(f"{name:<14}{set_name:<16}{cell(before.get('small'))}{cell(before.get('large'))}"
-                         f"{cell(after.get('small'))}{cell(after.get('proxy'))}{cell(after.get('large'))}")
+            now = last.get("rougeL_sets", {}).get(set_name, {})
+            b_ci, a_ci = ci0.get(set_name, {}), ci1.get(set_name, {})
+            lines.append(f"{name:<14}{set_name:<16}{cell(before.get('small'), b_ci.get('small'))}"
+                         f"{cell(before.get('large'), b_ci.get('large'))}{cell(now.get('small'), a_ci.get('small'))}"
+                         f"{cell(now.get('proxy'), a_ci.get('proxy'))}{cell(now.get('large'), a_ci.get('large'))}")
     lines.append("small = tuned small LM; proxy = large LM proxy-tuned by it; large = large LM tuned directly")
+    target = {n: i["target_rouge_l"] for n, i in summary["systems"].items() if (i.get("target_rouge_l") or {}).get("target")}
+    if target:
+        lines.append("target Rouge-L: " + ", ".join(
+            f"{n} {'reached' if t['reached'] else 'not reached'} ({t['target']:g}, {summary['systems'][n]['rounds_run']} rounds)"
+            for n, t in target.items()))
+    if summary.get("comparisons"):
+        lines.append("")
+        lines.append("Paired comparisons (difference A - B, 95% paired bootstrap CI over the same prompts):")
+        for row in summary["comparisons"]:
+            lines.append(f"  {row['comparison']:<52}{row['set']:<16}{row['diff_estimate']:+7.2f} "
+                         f"[{row['diff_low']:+6.2f},{row['diff_high']:+6.2f}]  {row['verdict']}")
     privacy = summary.get("privacy", {})
     if privacy.get("dp", "off") != "off":
         spent = ", ".join(f"{name} {e:.2f} at delta {privacy['delta'][name]:g}" if e is not None else f"{name} -"

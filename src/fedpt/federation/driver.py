@@ -20,11 +20,12 @@ from fedpt.checkpoint import check_same_config, load_checkpoint, save_checkpoint
 from fedpt.config import FedPTConfig
 from fedpt.federation.records import UNIFORM_WEIGHT_KEY, arrays_to_state, state_to_arrays, train_config
 from fedpt.federation.local_dp import local_dp_from_config
-from fedpt.federation.strategy import FedPTStrategy
+from fedpt.federation.strategy import FedPTStrategy, TargetReached
 from fedpt.metrics import RoundLog, RoundRecord
+from fedpt.predictions import remove_after
 from fedpt.progress import Progress
 from fedpt.server import ServerModels, load_splits
-from fedpt.systems import SYSTEM_SPECS
+from fedpt.systems import SYSTEM_SPECS, target_met, training_groups
 
 
 def run_systems(grid: Grid, cfg: FedPTConfig, out_dir: Path | None, progress: Progress | None = None,
@@ -44,50 +45,87 @@ def run_systems(grid: Grid, cfg: FedPTConfig, out_dir: Path | None, progress: Pr
 
         # Every simulated partition is a subset of the device split: its size bounds any device's count.
         secure = secagg_settings(cfg, max_weight=fed.secagg_max_weight or len(splits.train))
-    for name in cfg.run.systems:
-        spec = SYSTEM_SPECS[name]
-        folder = out_dir / name / "checkpoints" if out_dir else None
-        checkpoint = load_checkpoint(folder) if folder else None
-        done = checkpoint.round if checkpoint else 0
+    for group in training_groups(cfg.run.systems):
+        _run_group(grid, cfg, out_dir, progress, context, server, round_log, secure, group)
+    return round_log.records
+
+
+def _run_group(grid: Grid, cfg: FedPTConfig, out_dir: Path | None, progress: Progress | None,
+               context: Context | None, server: ServerModels, round_log: RoundLog, secure: Any,
+               group: list[str]) -> None:
+    """Run the systems of one training group (``fedpt.systems.training_groups``) on shared device rounds.
+
+    Each system resumes from its own checkpoint; a system that finished (every round, or
+    ``federation.target_rouge_l`` met) records nothing more. The group restarts after the
+    earliest checkpoint of its unfinished systems (one ahead of it, because a stop fell between
+    two checkpoint writes, redoes that round).
+    """
+    fed = cfg.federation
+    folders = {name: out_dir / name / "checkpoints" if out_dir else None for name in group}
+    checkpoints = {name: load_checkpoint(folder) if folder else None for name, folder in folders.items()}
+    for name, checkpoint in checkpoints.items():
         if checkpoint is not None:
-            check_same_config(checkpoint, cfg, folder)
-        # The checkpoint's records are the truth: rounds logged after it are redone.
-        round_log.restore(name, done, checkpoint.records if checkpoint else None)
-        if progress is not None and done:
-            progress.skip(min(done, fed.rounds))
-        if done >= fed.rounds:  # finished in an earlier run
-            final = checkpoint.adapter
-        else:
-            sampling = dict(fraction_train=fed.clients_per_round / fed.num_clients,
-                            min_train_nodes=fed.clients_per_round, min_available_nodes=fed.num_clients,
-                            fraction_evaluate=0.0)  # evaluation is server-side
-            strategy = FedPTStrategy(
-                server, spec, round_log, num_rounds=fed.rounds, eval_every=cfg.eval.every, progress=progress,
-                first_round=done,
-                on_round_end=_checkpointer(folder, cfg, round_log, name) if folder else None,
-                aggregator=make_aggregator(cfg, **sampling), max_update_norm=fed.max_update_norm,
-                min_results=fed.min_results, sampling_seed=cfg.run.seed, local_dp=local_dp_from_config(cfg),
-                **sampling,
-            )
-            if checkpoint is not None:
-                strategy.load_strategy_state(checkpoint.state)
-            initial = checkpoint.adapter if checkpoint else server.initial_adapter(spec.device_model)
+            check_same_config(checkpoint, cfg, folders[name])
+    done = {name: checkpoint.round if checkpoint else 0 for name, checkpoint in checkpoints.items()}
+    active = [name for name in group
+              if done[name] < fed.rounds and not target_met(cfg, name, (checkpoints[name].records or [])
+                                                             if checkpoints[name] else [])]
+    start = min((done[name] for name in active), default=0)
+    final = None
+    for name in group:
+        last = start if name in active else done[name]
+        checkpoint = checkpoints[name]
+        saved = ([row for row in checkpoint.records if row["round"] <= last]
+                 if last > 0 and checkpoint is not None and checkpoint.records is not None else None)
+        # The checkpoint's records are the truth: rounds logged (and predicted) after it are redone.
+        round_log.restore(name, last, saved)
+        if out_dir is not None:
+            remove_after(out_dir, name, last)
+        if progress is not None and last:
+            progress.skip(min(last, fed.rounds))
+    if active:
+        specs = [SYSTEM_SPECS[name] for name in group]
+        sampling = dict(fraction_train=fed.clients_per_round / fed.num_clients,
+                        min_train_nodes=fed.clients_per_round, min_available_nodes=fed.num_clients,
+                        fraction_evaluate=0.0)  # evaluation is server-side
+        checkpointers = {name: _checkpointer(folder, cfg, round_log, name) for name, folder in folders.items()
+                         if folder is not None}
+        strategy = FedPTStrategy(
+            server, specs[0], round_log, num_rounds=fed.rounds, eval_every=cfg.eval.every, progress=progress,
+            first_round=start,
+            on_round_end=(lambda system, rnd, arrays, state: checkpointers[system](rnd, arrays, state))
+            if checkpointers else None,
+            aggregator=make_aggregator(cfg, **sampling), max_update_norm=fed.max_update_norm,
+            min_results=fed.min_results, sampling_seed=cfg.run.seed, local_dp=local_dp_from_config(cfg),
+            shared=tuple(specs[1:]), active=set(active), run_dir=out_dir, target_rouge_l=fed.target_rouge_l,
+            **sampling,
+        )
+        resume_from = next((checkpoints[name] for name in active if done[name] == start and checkpoints[name]), None)
+        if resume_from is not None:
+            strategy.load_strategy_state(resume_from.state)
+        initial = resume_from.adapter if resume_from else server.initial_adapter(specs[0].device_model)
+        try:
             if secure is not None:
                 from fedpt.federation.secagg import run_secagg_system
 
                 context = context or Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(),
                                              run_config={})
-                final = run_secagg_system(grid, context, strategy, cfg, name, initial, secure, fed.rounds - done)
+                final = run_secagg_system(grid, context, strategy, cfg, group[0], initial, secure, fed.rounds - start)
             else:
                 result = strategy.start(
-                    grid=grid, initial_arrays=state_to_arrays(initial), num_rounds=fed.rounds - done,
-                    timeout=fed.round_timeout, train_config=train_config(cfg, name), evaluate_fn=strategy.evaluate,
-                )
+                    grid=grid, initial_arrays=state_to_arrays(initial), num_rounds=fed.rounds - start,
+                    timeout=fed.round_timeout, train_config=train_config(cfg, group[0]),
+                    evaluate_fn=strategy.evaluate)
                 final = arrays_to_state(result.arrays)
-        if out_dir is not None:  # the final adapter in peft's format (also rewritten when resuming)
-            server.load_adapter(spec.device_model, final)
-            server.model(spec.device_model).save_pretrained(out_dir / name / "adapter")
-    return round_log.records
+        except TargetReached as stop:
+            final = arrays_to_state(stop.arrays)
+    if out_dir is not None:  # the final adapter in peft's format (also rewritten when resuming)
+        for name in group:
+            # A system that stopped at its target ends with its own last checkpoint, not the group's.
+            checkpoint = load_checkpoint(folders[name])
+            adapter = checkpoint.adapter if checkpoint is not None else final
+            server.load_adapter(SYSTEM_SPECS[name].device_model, adapter)
+            server.model(SYSTEM_SPECS[name].device_model).save_pretrained(out_dir / name / "adapter")
 
 
 def make_aggregator(cfg: FedPTConfig, **sampling: Any) -> Strategy | None:

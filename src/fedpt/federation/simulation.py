@@ -66,6 +66,8 @@ def simulate(cfg: FedPTConfig, out_dir: Path | None, progress: Progress | None =
             raise err  # bad input found by the server (e.g. a changed config): nothing to resume
         reason = str(err) if isinstance(err, FedPTError) else f"{type(err).__name__}: {err}"
         raise FedPTError(f"{reason}{resume}") from err
-    if len(records) < len(cfg.run.systems) * (cfg.federation.rounds + 1):
+    from fedpt.systems import system_finished
+
+    if not all(system_finished(cfg, name, records) for name in cfg.run.systems):
         raise FedPTError(f"the simulation ended before all rounds finished (rerun with --verbose to see why){resume}")
     return records

@@ -9,7 +9,9 @@
 
 Baselines are the same strategy with switches from ``fedpt.systems``: ``fedavg-small`` and
 ``fedavg-pt`` skip step 5 (``fedavg-pt`` still evaluates the proxy-tuned large LM),
-``fedavg-large`` tunes the large LM's own adapter on the devices.
+``fedavg-large`` tunes the large LM's own adapter on the devices. Systems whose device rounds
+are identical (``fedavg-small`` and ``fedavg-pt``) share one strategy: trained once, recorded,
+evaluated and checkpointed once per system (``shared``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from logging import WARNING
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,10 +42,22 @@ from fedpt.federation.records import (ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY,
                                      arrays_to_state, state_to_arrays)
 from fedpt.metrics import RoundLog, RoundRecord
 from fedpt.models.logits import LocalLogitSource, LogitSource
+from fedpt.predictions import model_name, prediction_path, write_predictions
 from fedpt.progress import Progress
 from fedpt.server import ServerModels
 from fedpt.systems import SystemSpec
 
+
+class TargetReached(Exception):
+    """Every system of the strategy met ``federation.target_rouge_l``: no more rounds.
+
+    Flower's ``Strategy.start`` has no early stop; this ends it after the round's record and
+    checkpoint are written. ``arrays`` is the adapter of that round.
+    """
+
+    def __init__(self, server_round: int, arrays: ArrayRecord) -> None:
+        super().__init__(f"target Rouge-L reached at round {server_round}")
+        self.server_round, self.arrays = server_round, arrays
 
 
 class FedPTStrategy(FedAvg):
@@ -65,8 +81,8 @@ class FedPTStrategy(FedAvg):
         Rounds already completed (resuming from a checkpoint): Flower counts rounds from 1
         again, this strategy reports and seeds them as ``first_round + n``.
     on_round_end : callable, optional
-        ``(round, arrays, state)`` after each round's record is written (checkpointing);
-        ``state`` is ``strategy_state()``.
+        ``(system, round, arrays, state)`` after each round's record of ``system`` is written
+        (checkpointing); ``state`` is ``strategy_state()``.
     aggregator : Strategy, optional
         Samples the devices and averages the valid updates: Flower's FedMedian, FedTrimmedAvg,
         Krum, or its central-DP wrapper around FedAvg (which must see the broadcast to clip
@@ -81,6 +97,17 @@ class FedPTStrategy(FedAvg):
     sampling_seed : int
         Seeds the choice of devices when a round samples a subset: the same seed and round pick
         the same partitions in every run (a resumed one included), whatever the node ids.
+    shared : tuple of SystemSpec
+        Further systems whose device rounds are this one's (same device model, no distillation
+        difference): each gets its own records, predictions and checkpoints from these rounds.
+    active : set of str, optional
+        Which of ``spec`` and ``shared`` still record rounds (default all; resuming, a system
+        that already finished is left out).
+    run_dir : Path, optional
+        Where every evaluation's predictions go (``<run_dir>/<system>/predictions/``).
+    target_rouge_l : float
+        Stop a system with a proxy-tuned large LM once that LM's Rouge-L on the held-out set
+        reaches this (0 = run every round); the strategy ends when all its systems stopped.
     **fedavg_kwargs
         Passed to ``FedAvg`` (sampling fractions, minimum nodes).
 
@@ -91,7 +118,9 @@ class FedPTStrategy(FedAvg):
                  eval_every: int = 1, progress: Progress | None = None, first_round: int = 0,
                  on_round_end: Callable[[int, ArrayRecord, dict[str, Any]], None] | None = None,
                  aggregator: Strategy | None = None, max_update_norm: float = 0.0, min_results: int = 1,
-                 sampling_seed: int = 0, local_dp: LocalDp | None = None, **fedavg_kwargs) -> None:
+                 sampling_seed: int = 0, local_dp: LocalDp | None = None, shared: tuple[SystemSpec, ...] = (),
+                 active: set[str] | None = None, run_dir: Path | None = None, target_rouge_l: float = 0.0,
+                 **fedavg_kwargs) -> None:
         super().__init__(**fedavg_kwargs)
         self.server = server
         self.spec = spec
@@ -112,6 +141,14 @@ class FedPTStrategy(FedAvg):
         self._partitions: dict[int, int] = {}  # node id -> partition id, asked once per node
         self.record = RoundRecord(round=0, system=spec.name)
         self._round_start = time.perf_counter()
+        for other in shared:
+            if (other.device_model, other.distill) != (spec.device_model, spec.distill):
+                raise ValueError(f"{other.name} cannot share {spec.name}'s device rounds: they train differently")
+        self.members = {s.name: s for s in (spec, *shared)}
+        self.active = set(self.members) if active is None else set(active)
+        self.run_dir = run_dir
+        self.target_rouge_l = target_rouge_l
+        self._member_records: dict[str, RoundRecord] = {}
 
     # -- step 1: broadcast ------------------------------------------------------------------
 
@@ -246,6 +283,11 @@ class FedPTStrategy(FedAvg):
             return None  # resuming: round 0 was evaluated and recorded by the first run
         server_round += self.first_round
         record = self.record if server_round > 0 else RoundRecord(round=0, system=self.spec.name)
+        # One record per system recording these rounds; costs and losses are the shared training's.
+        self._member_records = {
+            name: record if name == record.system else replace(record, system=name, rougeL_sets={},
+                                                                problems=list(record.problems))
+            for name in self.members if name in self.active}
         due = server_round == 0 or server_round % self.eval_every == 0 or server_round == self.num_rounds
         if due:
             self.phase(server_round, "evaluation")
@@ -254,36 +296,54 @@ class FedPTStrategy(FedAvg):
                 self._evaluate_into(record, server_round, arrays)
             record.eval_seconds = time.perf_counter() - start
         record.seconds = time.perf_counter() - self._round_start if server_round > 0 else record.eval_seconds or 0.0
-        self.round_log.write(record)
-        if self.progress is not None:
-            self.progress.round_done(record)
-        if server_round > 0 and self.on_round_end is not None:
-            self.on_round_end(server_round, arrays, self.strategy_state())
-        scores = {k: v for k, v in (("rougeL_small", record.rougeL_small), ("rougeL_proxy", record.rougeL_proxy),
-                                    ("rougeL_large", record.rougeL_large)) if v is not None}
+        for member in self._member_records.values():
+            member.eval_seconds, member.seconds = record.eval_seconds, record.seconds
+            self.round_log.write(member)
+            if self.progress is not None:
+                self.progress.round_done(member)
+            if server_round > 0 and self.on_round_end is not None:
+                self.on_round_end(member.system, server_round, arrays, self.strategy_state())
+        if server_round > 0 and self.target_rouge_l > 0:
+            reached = {name for name, member in self._member_records.items()
+                       if member.rougeL_proxy is not None and member.rougeL_proxy >= self.target_rouge_l}
+            self.active -= reached
+            if not self.active:
+                raise TargetReached(server_round, arrays)
+        shown = self._member_records.get(record.system) or next(iter(self._member_records.values()), record)
+        scores = {k: v for k, v in (("rougeL_small", shown.rougeL_small), ("rougeL_proxy", shown.rougeL_proxy),
+                                    ("rougeL_large", shown.rougeL_large)) if v is not None}
         return MetricRecord(scores) if scores else None
 
     def _evaluate_into(self, record: RoundRecord, server_round: int, arrays: ArrayRecord) -> None:
+        """Score every model the recording systems report; each system's predictions go to its folder."""
         server, spec = self.server, self.spec
         server.load_adapter(spec.device_model, arrays_to_state(arrays))
+        members = list(self._member_records.values()) or [record]
 
-        def score(role: str, source: LogitSource) -> float:
+        def score(role: str, source: LogitSource, into: list[RoundRecord], field: str) -> None:
             # At round 0 every adapter is the identity (LoRA B = 0): these are the pretrained
             # models, scored once and shared by all systems of the run.
             results = server.evaluate(source, key=role if server_round == 0 else None)
-            for set_name, result in results.items():
-                record.rougeL_sets.setdefault(set_name, {})[role] = result.rouge_l
-            return next(iter(results.values())).rouge_l
+            for member in into:
+                for set_name, result in results.items():
+                    member.rougeL_sets.setdefault(set_name, {})[role] = result.rouge_l
+                    if self.run_dir is not None:
+                        write_predictions(prediction_path(self.run_dir, member.system, server_round, set_name,
+                                                          model_name(role, server_round)), result)
+                setattr(member, field, next(iter(results.values())).rouge_l)
 
         if spec.device_model == "large":
-            record.rougeL_large = score("large", LocalLogitSource(server.large))
+            score("large", LocalLogitSource(server.large), members, "rougeL_large")
             return
-        record.rougeL_small = score("small", LocalLogitSource(server.small))
+        score("small", LocalLogitSource(server.small), members, "rougeL_small")
         kill_point("evaluation", server_round)
-        if spec.proxy:
+        proxied = [m for m in members if self.members[m.system].proxy]
+        if proxied:
             # Round 0: tuned == base exactly, so the proxy IS the large model; skip 2 of 3 forwards.
-            record.rougeL_proxy = (score("proxy", server.proxy_tune()) if server_round
-                                   else score("large", server.large_logits()))
+            if server_round:
+                score("proxy", server.proxy_tune(), proxied, "rougeL_proxy")
+            else:
+                score("large", server.large_logits(), proxied, "rougeL_proxy")
 
     def begin_round(self, server_round: int, sent_to: list[int], bytes_per_device: int) -> RoundRecord:
         """Start round ``server_round``'s record: which nodes were asked, what each was sent."""

@@ -71,6 +71,8 @@ def test_flwr_run_uses_the_same_apps(tmp_path, fedpt_home):
                             capture_output=True, text=True, timeout=600,
                             env={**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home")})
     assert result.returncode == 0, result.stderr[-2000:]
+    # `flwr run` exits 0 even when the ServerApp fails: its streamed log says why.
+    assert (out / "rounds.jsonl").is_file(), result.stdout[-3000:]
     rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     assert [(r["system"], r["round"]) for r in rows] == [("fedavg-pt", 0), ("fedavg-pt", 1), ("fedavg-pt", 2)]
     # The script stopped everything it started (and only that): no process carries its FLWR_HOME.

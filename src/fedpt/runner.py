@@ -125,8 +125,11 @@ def prepared_run(cfg: FedPTConfig, out_dir: Path, overwrite: bool = False,
     ``config.toml`` and partition report. Yields the size of each evaluation set (for the summary).
     """
     histogram, eval_sizes = preflight(cfg)
-    if not resume:
-        check_out_dir(out_dir, overwrite)  # refuse before creating the directory to lock it
+    # Refuse before the lock file is created; checked again under the lock (another run may have moved on).
+    if resume:
+        check_resumable(cfg, out_dir)
+    else:
+        check_out_dir(out_dir, overwrite)
     with run_lock(out_dir):
         if resume:
             check_resumable(cfg, out_dir)

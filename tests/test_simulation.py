@@ -20,15 +20,37 @@ def finished_run(tmp_path_factory, fedpt_home):
     return out
 
 
+def _pretrained_scores(run_dir: Path) -> dict[str, float]:
+    """Rouge-L of the plain small and large models on the run's first evaluation set."""
+    from fedpt.config import load_config
+    from fedpt.evaluate import evaluate_rouge
+    from fedpt.models.loading import load_model, load_tokenizer
+    from fedpt.models.logits import LocalLogitSource
+    from fedpt.server import load_eval_sets, load_splits
+
+    cfg = load_config(path=run_dir / "config.toml")
+    tokenizer = load_tokenizer(cfg.model.small)
+    examples = next(iter(load_eval_sets(cfg, load_splits(cfg)).values()))
+    return {role: evaluate_rouge(LocalLogitSource(load_model(spec, cfg.model.dtype)), tokenizer, examples, cfg.eval,
+                                 cfg.data).rouge_l
+            for role, spec in (("small", cfg.model.small), ("large", cfg.model.large))}
+
+
 @pytest.mark.slow
 def test_all_systems_two_rounds(finished_run, capsys):
     rows = [json.loads(line) for line in (finished_run / "rounds.jsonl").read_text().splitlines()]
     assert [(r["system"], r["round"]) for r in rows] == [
         (s, i) for s in ("fedpt", "fedavg-small", "fedavg-large", "fedavg-pt") for i in (0, 1, 2)]
     by = {(r["system"], r["round"]): r for r in rows}
-    # Round 0 is the pretrained pair, shared by all systems (identity adapters).
-    assert by[("fedpt", 0)]["rougeL_proxy"] == by[("fedavg-large", 0)]["rougeL_large"]
-    assert by[("fedpt", 0)]["rougeL_small"] == by[("fedavg-small", 0)]["rougeL_small"]
+    # Round 0 is the pretrained pair (identity adapters): the run scores each model once and
+    # shares the result between systems, so check every system's round 0 against a fresh
+    # evaluation of the plain models, outside the run.
+    pretrained = _pretrained_scores(finished_run)
+    assert pretrained["small"] != pretrained["large"]  # a mix-up between the two would show
+    for system, role, key in (("fedpt", "small", "rougeL_small"), ("fedpt", "large", "rougeL_proxy"),
+                              ("fedavg-small", "small", "rougeL_small"), ("fedavg-large", "large", "rougeL_large"),
+                              ("fedavg-pt", "small", "rougeL_small"), ("fedavg-pt", "large", "rougeL_proxy")):
+        assert by[(system, 0)][key] == pretrained[role], (system, key)
     for (system, rnd), r in by.items():
         if rnd == 0:
             continue

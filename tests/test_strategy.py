@@ -121,14 +121,14 @@ def _dp_strategy(noise: float) -> FedPTStrategy:
                          num_rounds=3, aggregator=make_aggregator(cfg, **sampling), **sampling)
 
 
-def _dp_round(strategy: FedPTStrategy, rnd: int, values=(10.0, 10.0, 10.0)) -> np.ndarray:
-    """One round from a zero broadcast: nodes 11/12/13 reply ``values`` with 10/20/30 examples."""
+def _dp_round(strategy: FedPTStrategy, rnd: int, updates=(10.0, 10.0, 10.0), broadcast: float = 0.0) -> np.ndarray:
+    """One round: nodes 11/12/13 reply ``broadcast + update`` (every entry) with 10/20/30 examples."""
     from flwr.app import ConfigRecord
 
-    zeros = ArrayRecord([np.zeros((2, 3), dtype=np.float32)])
-    sent = list(strategy.configure_train(rnd, zeros, ConfigRecord({}), _Grid()))
+    sent_arrays = ArrayRecord([np.full((2, 3), broadcast, dtype=np.float32)])
+    sent = list(strategy.configure_train(rnd, sent_arrays, ConfigRecord({}), _Grid()))
     assert sorted(m.metadata.dst_node_id for m in sent) == [11, 12, 13]
-    replies = [_reply(value, n, 1.0) for value, n in zip(values, (10, 20, 30))]
+    replies = [_reply(broadcast + update, n, 1.0) for update, n in zip(updates, (10, 20, 30))]
     for reply, node in zip(replies, (11, 12, 13)):
         reply.metadata.__dict__["_src_node_id"] = node
     arrays, _ = strategy.aggregate_train(rnd, replies)
@@ -139,11 +139,12 @@ def test_central_dp_clips_each_update_then_averages_uniformly():
     # Updates 0.01, 0.02 and 10 in each of 6 entries (norms 0.024, 0.049, 24.5): the first two are
     # under the 0.5 clip, the third is scaled to norm 0.5, i.e. 0.5 / sqrt(6) = 0.2041 per entry.
     # Uniform mean: (0.01 + 0.02 + 0.2041) / 3 = 0.07804 per entry; weighting by the 10/20/30
-    # examples would give (0.1 + 0.4 + 6.124) / 60 = 0.1104, and no clipping 3.343.
-    mean = _dp_round(_dp_strategy(noise=1e-6), 1, values=(0.01, 0.02, 10.0))
+    # examples would give (0.1 + 0.4 + 6.124) / 60 = 0.1104, and no clipping 3.343. The broadcast
+    # is 1, so clipping the adapters (norm 2.45 .. 26.9) instead of their updates would show too.
+    mean = _dp_round(_dp_strategy(noise=1e-6), 1, updates=(0.01, 0.02, 10.0), broadcast=1.0)
     clipped = 0.5 / np.sqrt(6)
-    np.testing.assert_allclose(mean, np.full((2, 3), (0.01 + 0.02 + clipped) / 3), atol=1e-5)
-    noisy = _dp_round(_dp_strategy(noise=1.0), 1, values=(0.01, 0.02, 10.0))
+    np.testing.assert_allclose(mean, np.full((2, 3), 1.0 + (0.01 + 0.02 + clipped) / 3), atol=1e-5)
+    noisy = _dp_round(_dp_strategy(noise=1.0), 1, updates=(0.01, 0.02, 10.0), broadcast=1.0)
     assert np.abs(noisy - mean).max() > 0.01  # std 1 * 0.5 / 3 per entry
 
 

@@ -37,6 +37,8 @@ def main() -> None:
     parser.add_argument("--device-steps", type=int, default=2)
     parser.add_argument("--eval-prompts", type=int, default=8)
     parser.add_argument("--kd-prompts", type=int, default=8)
+    parser.add_argument("--only-small-step", action="store_true",
+                        help="just the small device step (what a loaded machine allows in a few minutes)")
     args = parser.parse_args()
 
     from fedpt.config import load_config
@@ -58,7 +60,7 @@ def main() -> None:
     import dataclasses
 
     torch.set_num_threads(1)
-    for role in ("small", "large"):
+    for role in ("small",) if args.only_small_step else ("small", "large"):
         model = server.model(role)
         warm = dataclasses.replace(cfg.train, steps=1)
         local_tune(model, server.tokenizer, splits.train[:64], cfg.data, warm, seed=0)  # warm-up (1st step slow)
@@ -69,6 +71,8 @@ def main() -> None:
         out[f"device_tokens_per_step_{role}"] = result.tokens / steps
         server.load_adapter(role, server.initial_adapter(role))
         print(json.dumps(out), flush=True)
+    if args.only_small_step:
+        return
     torch.set_num_threads(args.threads_server)
     examples = splits.eval[: args.eval_prompts]
     for name, source in (("small", LocalLogitSource(server.small)), ("large", server.large_logits()),

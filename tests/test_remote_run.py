@@ -34,13 +34,21 @@ def rounds(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.slow
-def test_remote_backend_run_equals_local_run_then_service_outage(large_service, tmp_path, monkeypatch, capsys):
+@pytest.fixture(scope="module")
+def two_runs(large_service, tmp_path_factory):
+    """The same 2-round FedPT run with the local large LM and with the large LM behind the service."""
     proc, url = large_service
-    local, remote = tmp_path / "local", tmp_path / "remote"
-    assert main(["run", "--preset", "tiny", "--no-progress", "--out", str(local), *FAST]) == 0
-    assert main(["run", "--preset", "tiny", "--no-progress", "--out", str(remote), *FAST,
+    local, remote = tmp_path_factory.mktemp("local"), tmp_path_factory.mktemp("remote")
+    assert main(["run", "--preset", "tiny", "--no-progress", "--overwrite", "--out", str(local), *FAST]) == 0
+    assert main(["run", "--preset", "tiny", "--no-progress", "--overwrite", "--out", str(remote), *FAST,
                  "--set", "model.large_backend=remote", "--set", f"model.large_url={url}"]) == 0
+    return local, remote
+
+
+@pytest.mark.slow
+def test_remote_backend_run_equals_local_run_then_service_outage(large_service, two_runs, monkeypatch, capsys):
+    proc, url = large_service
+    local, remote = two_runs
     a, b = rounds(local), rounds(remote)
     assert [r["round"] for r in b] == [0, 1, 2]
     for x, y in zip(a, b):  # same seeds, same logits (fp32 on the wire): the same run
@@ -120,3 +128,51 @@ def test_preflight_checks_the_service_vocabulary(large_service, fedpt_home, tmp_
     load_tokenizer.cache_clear()
     with pytest.raises(FedPTError, match="different vocabulary"):
         check_remote_vocabulary(url, "", str(other))
+
+
+@pytest.mark.slow
+def test_serve_a_runs_proxy_tuned_lm(two_runs, fedpt_home, request):
+    """``fedpt serve --run``: greedy answers equal the proxy arithmetic done by hand (full re-forwards
+    of the large LM and of the small LM with and without its adapter); alpha per request, 0 = large."""
+    from peft import PeftModel
+
+    from fedpt.models.loading import load_model, load_tokenizer
+
+    from .test_serve import PROMPT
+
+    local, _ = two_runs
+    proc, url = start_server(["--run", str(local)], fedpt_home)
+    request.addfinalizer(lambda: stop_server(proc))
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    name = client.models.list().data[0].id
+    assert name == f"{local.name}/fedpt"
+    tokenizer = load_tokenizer("tiny-small")
+    large = load_model("tiny-large", "float32")
+    small = PeftModel.from_pretrained(load_model("tiny-small", "float32"), local / "fedpt" / "adapter").eval()
+    ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    from fedpt.proxy import stop_token_ids
+
+    stop_ids = set(stop_token_ids(tokenizer))
+
+    def by_hand(alpha: float, n: int = 6) -> list[int]:
+        seq = list(ids)
+        with torch.no_grad():
+            for _ in range(n):
+                x = torch.tensor([seq])
+                z = large(x).logits[0, -1]
+                tuned = small(x).logits[0, -1]
+                with small.disable_adapter():
+                    base = small(x).logits[0, -1]
+                seq.append(int((z + alpha * (tuned - base)).argmax()))
+                if seq[-1] in stop_ids:  # the server stops there (the EOS token is in its logprobs)
+                    break
+        return seq[len(ids):]
+
+    for alpha in (None, 0.0, 2.0):
+        extra = {"return_tokens_as_token_ids": True} | ({"alpha": alpha} if alpha is not None else {})
+        out = client.completions.create(model=name, prompt=ids, max_tokens=6, temperature=0, logprobs=0,
+                                        extra_body=extra)
+        expected = by_hand(1.0 if alpha is None else alpha)  # the run's proxy.alpha is 1.0
+        assert out.choices[0].logprobs.tokens == [f"token_id:{t}" for t in expected], alpha

@@ -359,3 +359,19 @@ def test_concurrent_streams_progress_together(gang_server, client):
         t.join(180)
     assert not errors, errors
     assert texts == alone
+
+
+def test_serve_bad_arguments_are_one_line(tmp_path, capsys):
+    from fedpt.cli import main
+
+    assert main(["serve", "--run", str(tmp_path)]) == 2
+    assert "is not a fedpt run directory" in capsys.readouterr().err
+    assert main(["serve", "--model", "tiny-large", "--api-key-file", str(tmp_path / "missing.txt")]) == 2
+    assert "API key file" in capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text("\n")
+    assert main(["serve", "--model", "tiny-large", "--api-key-file", str(tmp_path / "empty.txt")]) == 2
+    assert "is empty" in capsys.readouterr().err
+    assert main(["serve", "--model", "tiny-large", "--system", "fedpt"]) == 2
+    assert "use it with --run" in capsys.readouterr().err
+    assert main(["serve", "--model", "tiny-large", "--max-batch", "0"]) == 2
+    assert "--max-batch must be positive" in capsys.readouterr().err

@@ -2,14 +2,16 @@
 
     python bench/remote_logits.py [--small qwen2.5-coder-0.5b-instruct] [--large qwen2.5-coder-1.5b-instruct]
                                   [--adapter runs/default/fedpt/adapter] [--batches 1,8] [--repeats 3]
-                                  [--new-tokens 32] [--out bench/results/remote_logits]
+                                  [--new-tokens 32] [--prompt-tokens 64] [--out bench/results/remote_logits]
 
 Starts `fedpt serve --model LARGE` on 127.0.0.1 (a free port), then decodes the same prompts
 greedily with ``ProxyTunedLM(large, MixedAdapterDiff(small+adapter), alpha)`` where the large
 LM is either the local model (``LocalLogitSource``) or the service (``RemoteLogitSource``, bf16
 logits on the wire, the model's own dtype: lossless). Runs alternate local/remote in one process
-(interleaved, so a busy machine slows both alike); reported: best of ``--repeats`` tokens/s per
-backend and batch size, and the ratio remote / local. Both backends must generate the same
+(interleaved, so a busy machine slows both alike); reported per backend and batch size, best
+of ``--repeats`` passes (the first pass is counted too: best-of drops its warm-up cost):
+decode tokens/s (the steps after the prefill, where the service's per-step round trip is paid)
+and end-to-end tokens/s (prefill included), and their ratios remote / local. Both backends must generate the same
 tokens (checked). Without ``--adapter`` (or when it does not exist) a LoRA adapter with random
 nonzero B stands in: the speed does not depend on what the adapter learned.
 Writes ``OUT.json`` and ``OUT.md``.
@@ -72,6 +74,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, default=64, help="prompts keep their last N tokens")
     parser.add_argument("--threads", type=int, default=0, help="torch threads, both processes (0 = all cores)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/remote_logits"))
     args = parser.parse_args()
@@ -81,7 +84,7 @@ def main() -> None:
     from fedpt.models.loading import load_model, load_tokenizer
     from fedpt.models.logits import LocalLogitSource, MixedAdapterDiff
     from fedpt.models.remote import LogitsService, RemoteLogitSource
-    from fedpt.proxy import Decoding, ProxyTunedLM, decode, stop_token_ids
+    from fedpt.proxy import DecodeSession, Decoding, ProxyTunedLM
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,24 +98,28 @@ def main() -> None:
         batches = [int(b) for b in args.batches.split(",")]
         examples = load_examples("builtin:dolly-15k")[: max(batches)]
         prompts = [format_prompt(ex, "alpaca", tokenizer) for ex in examples]
-        # greedy, fixed length: EOS is ignored by passing no stop ids, so every run makes the same tokens
-        cfg = Decoding(max_new_tokens=args.new_tokens)
+        cfg = Decoding(max_new_tokens=args.new_tokens)  # greedy
         backends = {"local": lambda: LocalLogitSource(large), "remote": lambda: RemoteLogitSource(service)}
-        times: dict[str, dict[int, list[float]]] = {name: {b: [] for b in batches} for name in backends}
+        times: dict[str, dict[int, list[tuple[float, float]]]] = {name: {b: [] for b in batches} for name in backends}
         outputs: dict[tuple[str, int], list[list[int]]] = {}
         for batch in batches:
-            ids, mask = encode_prompts_left(tokenizer, prompts[:batch], 256)
-            for repeat in range(args.repeats + 1):  # the first pass warms up both (not counted)
+            ids, mask = encode_prompts_left(tokenizer, prompts[:batch], args.prompt_tokens)
+            for repeat in range(args.repeats):
                 for name, make in backends.items():
-                    lm = ProxyTunedLM(make(), MixedAdapterDiff(small), args.alpha)
+                    # greedy, fixed length: no stop ids, so every pass makes the same number of tokens
+                    session = DecodeSession(ProxyTunedLM(make(), MixedAdapterDiff(small), args.alpha), ids, mask,
+                                            [], tokenizer.pad_token_id, cfg)
                     start = time.perf_counter()
-                    out = decode(lm, ids, mask, [], tokenizer.pad_token_id, cfg)
-                    seconds = time.perf_counter() - start
-                    if repeat:
-                        times[name][batch].append(seconds)
-                    outputs[(name, batch)] = out
-                    print(f"batch {batch} {name:<6} pass {repeat}: {batch * args.new_tokens / seconds:7.2f} tok/s",
-                          file=sys.stderr, flush=True)
+                    tokens = [session.advance()[0]]  # prefill + first token
+                    prefilled = time.perf_counter()
+                    while not session.done:
+                        tokens.append(session.advance()[0])
+                    end = time.perf_counter()
+                    session.close()
+                    times[name][batch].append((prefilled - start, end - prefilled))
+                    outputs[(name, batch)] = torch.stack(tokens, 1).tolist()
+                    print(f"batch {batch} {name:<6} pass {repeat}: prefill {prefilled - start:6.2f} s, decode "
+                          f"{batch * (args.new_tokens - 1) / (end - prefilled):6.2f} tok/s", file=sys.stderr, flush=True)
             same = outputs[("local", batch)] == outputs[("remote", batch)]
             print(f"batch {batch}: remote tokens {'==' if same else '!='} local tokens", file=sys.stderr)
         service.close()
@@ -122,24 +129,30 @@ def main() -> None:
 
     rows = []
     for batch in batches:
-        best = {name: batch * args.new_tokens / min(times[name][batch]) for name in backends}
-        rows.append({"batch": batch, "local_tok_s": best["local"], "remote_tok_s": best["remote"],
-                     "ratio": best["remote"] / best["local"],
+        decode = {name: batch * (args.new_tokens - 1) / min(t[1] for t in times[name][batch]) for name in backends}
+        total = {name: batch * args.new_tokens / min(sum(t) for t in times[name][batch]) for name in backends}
+        rows.append({"batch": batch, "local_decode_tok_s": decode["local"], "remote_decode_tok_s": decode["remote"],
+                     "decode_ratio": decode["remote"] / decode["local"], "local_total_tok_s": total["local"],
+                     "remote_total_tok_s": total["remote"], "total_ratio": total["remote"] / total["local"],
                      "same_tokens": outputs[("local", batch)] == outputs[("remote", batch)],
-                     "local_seconds": times["local"][batch], "remote_seconds": times["remote"][batch]})
+                     "seconds_prefill_decode": {name: times[name][batch] for name in backends}})
     result = {"small": args.small, "large": args.large, "dtype": args.dtype, "adapter": adapter_name,
-              "alpha": args.alpha, "new_tokens": args.new_tokens, "repeats": args.repeats,
+              "alpha": args.alpha, "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
               "threads": torch.get_num_threads(), "command": "python " + " ".join(sys.argv), "rows": rows,
               "date": time.strftime("%Y-%m-%d %H:%M")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    lines = [f"Proxy-tuned greedy decoding, {args.new_tokens} new tokens per row, large LM local vs. behind "
-             f"`fedpt serve` on loopback (logits in the model dtype on the wire: lossless); best of {args.repeats} interleaved passes.",
+    lines = [f"Proxy-tuned greedy decoding, prompts cut to their last {args.prompt_tokens} tokens, {args.new_tokens} "
+             "new tokens per row; the large LM in-process vs. behind `fedpt serve` on loopback (logits in the "
+             f"model dtype on the wire: lossless); best of {args.repeats} interleaved passes.",
              f"Models: `{args.small}` + `{args.large}` ({args.dtype}), adapter: {adapter_name}, alpha {args.alpha}, "
              f"{torch.get_num_threads()} torch threads per process. Command: `{result['command']}` ({result['date']}).",
-             "", "| batch | local tok/s | remote tok/s | remote / local | same tokens |", "|---|---|---|---|---|"]
-    lines += [f"| {r['batch']} | {r['local_tok_s']:.2f} | {r['remote_tok_s']:.2f} | {r['ratio']:.3f} | "
-              f"{'yes' if r['same_tokens'] else 'no'} |" for r in rows]
+             "", "| batch | decode tok/s local | decode tok/s remote | **remote / local (decode)** | "
+             "end-to-end tok/s local | remote | remote / local (end-to-end) | same tokens |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['batch']} | {r['local_decode_tok_s']:.2f} | {r['remote_decode_tok_s']:.2f} | "
+              f"**{r['decode_ratio']:.3f}** | {r['local_total_tok_s']:.2f} | {r['remote_total_tok_s']:.2f} | "
+              f"{r['total_ratio']:.3f} | {'yes' if r['same_tokens'] else 'no'} |" for r in rows]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -34,9 +34,14 @@ class ModelConfig:
     small: str = "tiny-small"
     large: str = "tiny-large"
     dtype: str = "bfloat16"  # bf16 is 2-2.5x faster than fp32 on AVX-512-BF16 CPUs
+    # large_backend = "openai": any OpenAI-compatible /v1/completions with top-k logprobs
+    # (fedpt.models.openai_topk); the proxy is then restricted to the large LM's top-k tokens.
+    large_model_name: str = ""  # the request's `model`; "" = the one model the server lists
+    large_topk: int = 20  # log-probabilities per position (OpenAI allows 5, vLLM 20 unless --max-logprobs)
 
     def validate(self) -> None:
         _check_choice("model.dtype", self.dtype, DTYPES)
+        _check_positive("model.large_topk", self.large_topk)
         if not self.small or not self.large:
             raise FedPTError("model.small and model.large must both name a model")
 

@@ -133,6 +133,12 @@ def decode(
     logits = source.prefill(input_ids, attention_mask)  # (B, V)
     for step in range(cfg.max_new_tokens):
         scores = processors(sequences, logits)
+        # A top-k large LM leaves only k finite candidates (-inf elsewhere): if the processors
+        # (no-repeat-ngram) remove all of them, keep that row's unfiltered candidates rather
+        # than sampling from an all -inf row (NaN) or taking argmax = token 0.
+        emptied = ~torch.isfinite(scores).any(dim=-1)
+        if emptied.any():
+            scores = torch.where(emptied[:, None], logits, scores)
         if cfg.do_sample:
             probs = torch.softmax(scores, dim=-1)
             next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)

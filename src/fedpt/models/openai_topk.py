@@ -36,6 +36,7 @@ to one JSON key) are dropped and counted in ``stats.unmapped``.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,10 +170,14 @@ class OpenAITopKSource:
         Width V of the (B, V) logits returned: the small model's logit width.
     api_key:
         Sent as ``Authorization: Bearer``; ``None`` sends none.
+    token_ids:
+        Ask for ``return_tokens_as_token_ids`` (``None``: ask, and fall back to byte-level
+        mapping if the server refuses or ignores it; ``False``: never ask).
     """
 
     def __init__(self, base_url: str, model: str, k: int, tokenizer: Any, vocab_size: int,
-                 api_key: str | None = None, timeout: float = 300.0, retries: int = 3) -> None:
+                 api_key: str | None = None, timeout: float = 300.0, retries: int = 3,
+                 token_ids: bool | None = None) -> None:
         import httpx
 
         if k < 1:
@@ -182,7 +187,7 @@ class OpenAITopKSource:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
         self.mapper = TokenMapper(tokenizer)
-        self.token_ids_extension: bool | None = None  # unknown until the first answer
+        self.token_ids_extension: bool | None = token_ids  # None: unknown until the first answer
         self.stats = TopKStats()
         self._rows: list[list[int]] = []
         self.model = model or self._only_model()
@@ -290,6 +295,10 @@ class OpenAITopKSource:
             token_id = self.mapper.to_id(text)
             if token_id is None or not 0 <= token_id < self.vocab_size:
                 self.stats.unmapped += 1
+                if not self.stats.unmapped_examples:  # one line per source, not one per token
+                    print(f"warning: the large LM at {self.base_url} returned a token string no single token "
+                          f"spells ({text!r}); such tokens are dropped and counted: use a server with "
+                          "return_tokens_as_token_ids for exact ids", file=sys.stderr)
                 if len(self.stats.unmapped_examples) < 5:
                     self.stats.unmapped_examples.append(text)
                 continue

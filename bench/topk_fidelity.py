@@ -1,0 +1,278 @@
+"""How much proxy-tuning through a top-k log-probability API loses against full logits, and what it costs.
+
+    python bench/topk_fidelity.py --run RUN_DIR [--system fedpt] [--ks 5,20,100] [--prompts 16]
+        [--speed-prompts 2] [--speed-tokens 16] [--speed-k 20] [--out runs/topk-fidelity]
+
+RUN_DIR is a finished ``fedpt run`` (its ``config.toml`` and ``<system>/adapter``). Two parts:
+
+1. Quality, on the run's evaluation sets (the source's held-out split as the run used it; the
+   extra sets capped at ``--prompts`` each), greedy, the run's ``eval.max_new_tokens``: the
+   proxy-tuned large LM decoded with full logits and with the large LM's logits restricted to
+   its top-k (``TopKRestricted``: what a server returning k log-probs shows, at local KV-cache
+   speed; tests/test_openai_topk.py checks that the real API path gives the same tokens).
+   Reported per k: Rouge-L per set, prompts with output identical to full logits, and, on every
+   position of the full-logits trajectories, the mean KL(p_topk || p_full) = -log p_full(S_k),
+   the mean proxy mass outside S_k, and how often the greedy choice is the same.
+2. Speed: proxy-tuned greedy decoding at batch 1 through ``OpenAITopKSource`` against a real
+   ``fedpt serve --model <large>`` process on 127.0.0.1 (k = ``--speed-k``), divided by the
+   same decoding with the local backend, same prompts, interleaved. The stateless API resends
+   every sequence each step, so this ratio falls as sequences grow.
+
+Prints a Markdown table and writes ``topk_fidelity.json`` and ``topk_fidelity.md`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+class FullProxyRecorder:
+    """The full-logits proxy as a LogitSource that also measures, at every position it produces
+    for a still-running row, what restricting the large LM to its top-k would change."""
+
+    def __init__(self, large, diff, alpha: float, ks: list[int], eos_ids: list[int]) -> None:
+        self.large, self.diff, self.alpha, self.ks = large, diff, alpha, ks
+        self.eos = torch.tensor(eos_ids)
+        self.stats = {k: {"kl": 0.0, "mass_out": 0.0, "greedy_same": 0} for k in ks}
+        self.positions = 0
+        self._alive: torch.Tensor | None = None
+
+    def _record(self, z_large: torch.Tensor, z_diff: torch.Tensor) -> torch.Tensor:
+        from fedpt.proxy import proxy_logits
+
+        proxy = proxy_logits(z_large, z_diff, self.alpha)
+        rows = self._alive
+        logp = torch.log_softmax(proxy[rows], dim=-1)  # (N, V) full proxy
+        greedy = logp.argmax(-1)
+        self.positions += int(rows.sum())
+        for k in self.ks:
+            top = z_large[rows].float().topk(k, dim=-1).indices  # S_k: the large LM's top-k
+            log_mass = torch.logsumexp(logp.gather(-1, top), dim=-1)  # log p_full(S_k)
+            restricted_greedy = top.gather(-1, logp.gather(-1, top).argmax(-1, keepdim=True))[:, 0]
+            self.stats[k]["kl"] += float(-log_mass.sum())
+            self.stats[k]["mass_out"] += float((1 - log_mass.exp()).sum())
+            self.stats[k]["greedy_same"] += int((restricted_greedy == greedy).sum())
+        return proxy
+
+    def prefill(self, input_ids, attention_mask):
+        self._alive = torch.ones(len(input_ids), dtype=torch.bool)
+        return self._record(self.large.prefill(input_ids, attention_mask), self.diff.prefill(input_ids, attention_mask))
+
+    def step(self, tokens):
+        self._alive = self._alive & ~torch.isin(tokens, self.eos)
+        return self._record(self.large.step(tokens), self.diff.step(tokens))
+
+    def close(self):
+        for part in (self.large, self.diff):
+            part.close()
+
+    def summary(self) -> dict[int, dict[str, float]]:
+        n = max(self.positions, 1)
+        return {k: {"kl": s["kl"] / n, "mass_out": s["mass_out"] / n, "greedy_agreement": s["greedy_same"] / n}
+                for k, s in self.stats.items()}
+
+
+def decode_set(source, tokenizer, examples, cfg) -> tuple[list[list[int]], float, float]:
+    """Greedy ids per prompt, mean Rouge-L, seconds: exactly the run's evaluation protocol (greedy)."""
+    from fedpt.data.prompts import format_prompt
+    from fedpt.evaluate import rouge_l
+    from fedpt.proxy import Decoding, generate_ids
+
+    prompts = [format_prompt(ex, cfg.data.template, tokenizer) for ex in examples]
+    start = time.perf_counter()
+    ids = generate_ids(source, tokenizer, prompts, Decoding(max_new_tokens=cfg.eval.max_new_tokens),
+                       cfg.eval.batch_size, cfg.data.max_prompt_tokens)
+    seconds = time.perf_counter() - start
+    answers = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
+    rouge = sum(rouge_l(a, ex.all_references) for a, ex in zip(answers, examples)) / len(examples)
+    return ids, rouge, seconds
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(model_spec: str, dtype: str, log: Path) -> tuple[subprocess.Popen, str]:
+    """``fedpt serve`` for the plain large LM on a free loopback port; waits until /v1/models answers."""
+    import httpx
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "fedpt.cli", "serve", "--model", model_spec, "--host",
+                                "127.0.0.1", "--port", str(port), "--dtype", dtype],
+                               stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"fedpt serve exited with {process.returncode}; see {log}")
+        try:
+            if httpx.get(url + "/models", timeout=5).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    process.kill()
+    raise SystemExit(f"fedpt serve did not come up in 15 min; see {log}")
+
+
+def speed(cfg, tokenizer, large, small, vocab_size: int, examples, k: int, prompts: int, tokens: int,
+          out: Path) -> dict:
+    """Tokens/s at batch 1: OpenAI top-k backend on our server ÷ local backend, interleaved per prompt."""
+    from fedpt.models.logits import LocalLogitSource, MixedAdapterDiff
+    from fedpt.models.openai_topk import OpenAITopKSource, TopKRestricted
+    from fedpt.proxy import ProxyTunedLM
+
+    speed_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_new_tokens=tokens, batch_size=1))
+    process, url = start_server(cfg.model.large, cfg.model.dtype, out / "serve.log")
+    try:
+        remote = OpenAITopKSource(url, "", k, tokenizer, vocab_size)
+        local_s = remote_s = 0.0
+        local_n = remote_n = same = 0
+        for example in examples[:prompts]:
+            alpha = cfg.proxy.alpha
+            ids_l, _, sec_l = decode_set(ProxyTunedLM(LocalLogitSource(large), MixedAdapterDiff(small), alpha),
+                                         tokenizer, [example], speed_cfg)
+            ids_r, _, sec_r = decode_set(ProxyTunedLM(remote, MixedAdapterDiff(small), alpha),
+                                         tokenizer, [example], speed_cfg)
+            ids_o, _, _ = decode_set(ProxyTunedLM(TopKRestricted(LocalLogitSource(large), k), MixedAdapterDiff(small),
+                                                  alpha), tokenizer, [example], speed_cfg)
+            local_s, local_n = local_s + sec_l, local_n + len(ids_l[0])
+            remote_s, remote_n = remote_s + sec_r, remote_n + len(ids_r[0])
+            same += ids_r == ids_o
+    finally:
+        os.killpg(process.pid, 15)
+        process.wait(timeout=60)
+    stats = remote.stats
+    return {"k": k, "prompts": prompts, "max_new_tokens": tokens,
+            "local_tokens_per_s": local_n / local_s, "openai_topk_tokens_per_s": remote_n / remote_s,
+            "ratio": (remote_n / remote_s) / (local_n / local_s),
+            "api_equals_offline_topk": f"{same}/{prompts}", "requests": stats.requests,
+            "prompt_tokens_sent": stats.prompt_tokens, "unmapped": stats.unmapped,
+            "token_ids_extension": remote.token_ids_extension}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, required=True)
+    parser.add_argument("--system", default="fedpt")
+    parser.add_argument("--ks", default="5,20,100")
+    parser.add_argument("--prompts", type=int, default=16, help="prompts per extra evaluation set")
+    parser.add_argument("--speed-prompts", type=int, default=2)
+    parser.add_argument("--speed-tokens", type=int, default=16)
+    parser.add_argument("--speed-k", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=Path("runs/topk-fidelity"))
+    args = parser.parse_args()
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
+    from peft import PeftModel
+
+    from fedpt.config import load_config
+    from fedpt.models.loading import load_model, load_tokenizer
+    from fedpt.models.logits import LocalLogitSource, MixedAdapterDiff
+    from fedpt.models.openai_topk import TopKRestricted
+    from fedpt.proxy import ProxyTunedLM, stop_token_ids
+    from fedpt.server import load_eval_sets, load_splits
+
+    started = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(path=args.run / "config.toml")
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, protocol="greedy"),
+                              data=dataclasses.replace(cfg.data, eval_sets_size=args.prompts))
+    ks = [int(k) for k in args.ks.split(",")]
+    tokenizer = load_tokenizer(cfg.model.small)
+    small = PeftModel.from_pretrained(load_model(cfg.model.small, cfg.model.dtype), args.run / args.system / "adapter")
+    large = load_model(cfg.model.large, cfg.model.dtype)
+    vocab_size = small.get_output_embeddings().weight.shape[0]
+    eval_sets = load_eval_sets(cfg, load_splits(cfg))
+    alpha = cfg.proxy.alpha
+
+    rows: dict[str, dict] = {"full": {"rouge": {}, "identical": 0, "tokens": 0, "seconds": 0.0}}
+    rows |= {f"top-{k}": {"rouge": {}, "identical": 0, "tokens": 0, "seconds": 0.0} for k in ks}
+    recorder = None
+    for name, examples in eval_sets.items():
+        recorder = FullProxyRecorder(LocalLogitSource(large), MixedAdapterDiff(small), alpha, ks,
+                                     stop_token_ids(tokenizer))
+        full_ids, rouge, seconds = decode_set(recorder, tokenizer, examples, cfg)
+        rows["full"]["rouge"][name] = rouge
+        rows["full"]["tokens"] += sum(map(len, full_ids))
+        rows["full"]["seconds"] += seconds
+        rows["full"]["identical"] += len(examples)
+        for k, stats in recorder.summary().items():
+            row = rows[f"top-{k}"]
+            for key, value in stats.items():  # weighted by positions, summed over sets
+                row.setdefault(f"{key}_sum", 0.0)
+                row[f"{key}_sum"] += value * recorder.positions
+            row.setdefault("positions", 0)
+            row["positions"] += recorder.positions
+        for k in ks:
+            source = ProxyTunedLM(TopKRestricted(LocalLogitSource(large), k), MixedAdapterDiff(small), alpha)
+            ids, rouge, seconds = decode_set(source, tokenizer, examples, cfg)
+            row = rows[f"top-{k}"]
+            row["rouge"][name] = rouge
+            row["identical"] += sum(a == b for a, b in zip(ids, full_ids))
+            row["tokens"] += sum(map(len, ids))
+            row["seconds"] += seconds
+        print(f"{name}: done ({time.perf_counter() - started:.0f} s)", flush=True)
+    for k in ks:
+        row = rows[f"top-{k}"]
+        for key in ("kl", "mass_out", "greedy_agreement"):
+            row[key] = row.pop(f"{key}_sum") / max(row["positions"], 1)
+    sizes = {name: len(examples) for name, examples in eval_sets.items()}
+
+    speed_result = None
+    if args.speed_prompts:
+        speed_result = speed(cfg, tokenizer, large, small, vocab_size, next(iter(eval_sets.values())),
+                             args.speed_k, args.speed_prompts, args.speed_tokens, args.out)
+
+    result = {"run": str(args.run), "system": args.system, "models": [cfg.model.small, cfg.model.large],
+              "dtype": cfg.model.dtype, "alpha": alpha, "max_new_tokens": cfg.eval.max_new_tokens,
+              "eval_sets": sizes, "rows": rows, "speed": speed_result,
+              "seconds": time.perf_counter() - started, "cpus": os.cpu_count(),
+              "load_average_at_end": os.getloadavg()}
+    (args.out / "topk_fidelity.json").write_text(json.dumps(result, indent=2))
+    markdown = to_markdown(result)
+    (args.out / "topk_fidelity.md").write_text(markdown)
+    print(markdown)
+
+
+def to_markdown(result: dict) -> str:
+    sets = list(result["eval_sets"])
+    header = "| large LM logits | " + " | ".join(f"Rouge-L {s} ({result['eval_sets'][s]})" for s in sets)
+    header += " | outputs = full | mean KL(p_topk ‖ p_full) | proxy mass outside top-k | greedy agreement | tokens/s (local) |"
+    lines = [header, "|" + "---|" * (len(sets) + 6)]
+    total = sum(result["eval_sets"].values())
+    for name, row in result["rows"].items():
+        rouge = " | ".join(f"{row['rouge'][s]:.2f}" for s in sets)
+        extra = "— | — | — | —" if name == "full" else (
+            f"{row['identical']}/{total} | {row['kl']:.4f} | {row['mass_out']:.4f} | "
+            f"{100 * row['greedy_agreement']:.1f}%")
+        lines.append(f"| {name} | {rouge} | {extra} | {row['tokens'] / row['seconds']:.2f} |")
+    speed = result.get("speed")
+    notes = [f"\nModels {result['models'][0]} → {result['models'][1]} ({result['dtype']}), α = {result['alpha']}, "
+             f"greedy, max_new_tokens = {result['max_new_tokens']}; KL and agreement on the "
+             f"{result['rows'][next(n for n in result['rows'] if n != 'full')]['positions']} positions of the full-logits "
+             f"outputs. {result['seconds'] / 60:.1f} min on {result['cpus']} shared cores (busy machine: load average "
+             f"{result['load_average_at_end'][1]:.1f} at the end)."]
+    if speed:
+        notes.append(f"Speed, batch 1, {speed['prompts']} prompts × up to {speed['max_new_tokens']} tokens: top-{speed['k']} "
+                     f"API backend on `fedpt serve` {speed['openai_topk_tokens_per_s']:.2f} tokens/s, local backend "
+                     f"{speed['local_tokens_per_s']:.2f} tokens/s, ratio {speed['ratio']:.2f}; API outputs equal the "
+                     f"offline top-k ones on {speed['api_equals_offline_topk']} prompts; {speed['requests']} requests, "
+                     f"{speed['prompt_tokens_sent']} prompt tokens sent, {speed['unmapped']} unmapped tokens.")
+    return "\n".join(lines) + "\n" + "\n".join(notes) + "\n"
+
+
+if __name__ == "__main__":
+    main()

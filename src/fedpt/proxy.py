@@ -114,6 +114,62 @@ def _processors(cfg: Decoding):
     return procs
 
 
+class DecodeSession:
+    """One batch decoded token by token: ``decode`` runs it to the end, ``fedpt serve`` streams it.
+
+    The first ``advance`` prefills the source, each later one steps it with the tokens just
+    picked. Rows that hit EOS (or that the caller ``finish``es, e.g. on a stop string) get
+    ``pad_id`` from then on.
+    """
+
+    def __init__(self, source: LogitSource, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 eos_ids: list[int], pad_id: int, cfg: Decoding) -> None:
+        self.source, self.attention_mask, self.pad_id, self.cfg = source, attention_mask, pad_id, cfg
+        self.processors = _processors(cfg)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.eos = torch.tensor(eos_ids, dtype=torch.long)
+        self.sequences = input_ids
+        self.finished = torch.zeros(len(input_ids), dtype=torch.bool)
+        self.steps = 0
+        self._last: torch.Tensor | None = None
+
+    @property
+    def done(self) -> bool:
+        return bool(self.finished.all()) or self.steps >= self.cfg.max_new_tokens
+
+    def finish(self, row: int) -> None:
+        self.finished[row] = True
+
+    @torch.inference_mode()
+    def advance(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pick one token per row; returns it (B,) and the raw logits (B, V) it was picked from."""
+        if self._last is None:
+            logits = self.source.prefill(self.sequences, self.attention_mask)  # (B, V)
+        else:
+            logits = self.source.step(self._last)
+        scores = self.processors(self.sequences, logits)
+        # A top-k large LM leaves only k finite candidates (-inf elsewhere): if the processors
+        # (no-repeat-ngram) remove all of them, keep that row's unfiltered candidates rather
+        # than sampling from an all -inf row (NaN) or taking argmax = token 0.
+        emptied = ~torch.isfinite(scores).any(dim=-1)
+        if emptied.any():
+            scores = torch.where(emptied[:, None], logits, scores)
+        if self.cfg.do_sample:
+            probs = torch.softmax(scores, dim=-1)
+            next_tokens = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+        else:
+            next_tokens = scores.argmax(dim=-1)
+        next_tokens = torch.where(self.finished, torch.full_like(next_tokens, self.pad_id), next_tokens)  # (B,)
+        self.sequences = torch.cat([self.sequences, next_tokens[:, None]], dim=1)
+        self.finished |= torch.isin(next_tokens, self.eos)
+        self.steps += 1
+        self._last = next_tokens
+        return next_tokens, logits
+
+    def close(self) -> None:
+        getattr(self.source, "close", lambda: None)()
+
+
 @torch.inference_mode()
 def decode(
     source: LogitSource,
@@ -124,34 +180,13 @@ def decode(
     cfg: Decoding,
 ) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` per row from left-padded prompts; returns new ids without EOS."""
-    processors = _processors(cfg)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    eos = torch.tensor(eos_ids, dtype=torch.long)
-    sequences = input_ids
-    finished = torch.zeros(len(input_ids), dtype=torch.bool)
+    session = DecodeSession(source, input_ids, attention_mask, eos_ids, pad_id, cfg)
     new_tokens: list[torch.Tensor] = []
-    logits = source.prefill(input_ids, attention_mask)  # (B, V)
-    for step in range(cfg.max_new_tokens):
-        scores = processors(sequences, logits)
-        # A top-k large LM leaves only k finite candidates (-inf elsewhere): if the processors
-        # (no-repeat-ngram) remove all of them, keep that row's unfiltered candidates rather
-        # than sampling from an all -inf row (NaN) or taking argmax = token 0.
-        emptied = ~torch.isfinite(scores).any(dim=-1)
-        if emptied.any():
-            scores = torch.where(emptied[:, None], logits, scores)
-        if cfg.do_sample:
-            probs = torch.softmax(scores, dim=-1)
-            next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        else:
-            next_tokens = scores.argmax(dim=-1)
-        next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_id), next_tokens)  # (B,)
-        new_tokens.append(next_tokens)
-        sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
-        finished |= torch.isin(next_tokens, eos)
-        if finished.all() or step == cfg.max_new_tokens - 1:
-            break
-        logits = source.step(next_tokens)
-    getattr(source, "close", lambda: None)()
+    try:
+        while not session.done:
+            new_tokens.append(session.advance()[0])
+    finally:
+        session.close()
     out = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in range(len(input_ids))]
     return [_until_eos(row, set(eos_ids)) for row in out]
 

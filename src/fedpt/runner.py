@@ -30,7 +30,16 @@ def preflight(cfg: FedPTConfig) -> tuple[dict[str, list[int]], dict[str, int]]:
     eval_sets = load_eval_sets(cfg, splits)  # readable, and disjoint from device data and the KD pool
     n = cfg.federation.num_clients
     partitions = [partition_examples(splits.train, n, i, cfg.data, cfg.data.split_seed) for i in range(n)]
-    check_same_vocabulary(cfg.model.small, cfg.model.large)
+    if cfg.model.large_backend == "local":
+        check_same_vocabulary(cfg.model.small, cfg.model.large)
+    elif cfg.model.large_backend == "remote":  # black box: its tokenizer is not here, its vocabulary hash is
+        from fedpt.models.remote import check_remote_vocabulary
+
+        check_remote_vocabulary(cfg.model.large_url, cfg.model.large_api_key_file, cfg.model.small)
+    else:  # openai: only the completions API; the server must tokenize probe texts as we do
+        from fedpt.models.openai_topk import check_openai_vocabulary
+
+        check_openai_vocabulary(cfg)
     check_memory(cfg)
     return category_histogram(partitions), {name: len(examples) for name, examples in eval_sets.items()}
 
@@ -47,7 +56,9 @@ def check_memory(cfg: FedPTConfig) -> None:
 
     from fedpt.models.loading import weights_bytes
 
-    small, large = weights_bytes(cfg.model.small, cfg.model.dtype), weights_bytes(cfg.model.large, cfg.model.dtype)
+    small = weights_bytes(cfg.model.small, cfg.model.dtype)
+    # a non-local large LM's weights live with its service, not here
+    large = weights_bytes(cfg.model.large, cfg.model.dtype) if cfg.model.large_backend == "local" else 0
     if small is None or large is None:
         return
     fed = cfg.federation

@@ -40,16 +40,43 @@ def load_eval_sets(cfg: FedPTConfig, splits: Splits) -> dict[str, list[Example]]
     return sets | extra
 
 
+def large_logit_source(cfg: FedPTConfig, small_base: Any) -> tuple[Any, Callable[[], LogitSource]]:
+    """The large LM as ``model.large_backend`` says: (local model or None, factory of LogitSources).
+
+    The one place that picks the backend. ``remote`` and ``openai`` load no large weights here:
+    the large LM stays a black box behind its service. Every backend's logit width must equal
+    the small LM's (proxy arithmetic adds logits index by index).
+    """
+    from fedpt.models.loading import check_logit_width, load_model
+
+    model = cfg.model
+    if model.large_backend == "local":
+        large = load_model(model.large, model.dtype)
+        check_logit_width(small_base, large, model.small, model.large)
+        return large, lambda: LocalLogitSource(large, use_adapter=False)
+    if model.large_backend == "remote":
+        from fedpt.models.remote import LogitsService, RemoteLogitSource, check_remote_width, read_api_key
+
+        service = LogitsService(model.large_url, read_api_key(model.large_api_key_file))
+        check_remote_width(service, small_base, model.small)
+        return None, lambda: RemoteLogitSource(service)
+    from fedpt.models.openai_topk import openai_logit_source  # top-k log-probabilities only
+
+    return None, openai_logit_source(cfg, small_base)
+
+
 @dataclass
 class ServerModels:
     cfg: FedPTConfig
     tokenizer: Any
     small: Any  # PeftModel over the small base
-    large: Any  # the large LM; a PeftModel only when fedavg-large runs
+    large: Any  # the local large LM (a PeftModel only when fedavg-large runs); None with a remote backend
     splits: Splits
     eval_sets: dict[str, list[Example]]
     initial: dict[str, dict[str, Any]] = field(default_factory=dict)  # adapters before any training
     _round0: dict[str, dict[str, EvalResult]] = field(default_factory=dict)
+
+    large_source: Callable[[], LogitSource] | None = None  # a fresh black-box LogitSource per call
 
     @classmethod
     def load(cls, cfg: FedPTConfig, splits: Splits, large_trainable: bool) -> "ServerModels":
@@ -58,15 +85,15 @@ class ServerModels:
         tokenizer = load_tokenizer(cfg.model.small)
         # Fresh copies, not the per-process cache: peft injects adapters into the base in place.
         small_base = load_model(cfg.model.small, cfg.model.dtype)
-        large = load_model(cfg.model.large, cfg.model.dtype)
-        check_logit_width(small_base, large, cfg.model.small, cfg.model.large)
+        large, large_source = large_logit_source(cfg, small_base)
         small = attach_lora(small_base, cfg.lora, seed=cfg.run.seed)
-        if large_trainable:
+        if large_trainable:  # config validation keeps this to the local backend
             large = attach_lora(large, cfg.lora, seed=cfg.run.seed)
         initial = {"small": get_adapter_state(small)}
         if large_trainable:
             initial["large"] = get_adapter_state(large)
-        return cls(cfg, tokenizer, small, large, splits, load_eval_sets(cfg, splits), initial)
+        return cls(cfg, tokenizer, small, large, splits, load_eval_sets(cfg, splits), initial,
+                   large_source=large_source)
 
     # -- adapters ----------------------------------------------------------------------------
 
@@ -86,7 +113,9 @@ class ServerModels:
     # -- step 4: proxy-tuning ---------------------------------------------------------------
 
     def large_logits(self) -> LogitSource:
-        """The black-box large LM: logits only (its adapter, if any, stays off)."""
+        """The black-box large LM: logits only (a local one's adapter, if any, stays off)."""
+        if self.large_source is not None:
+            return self.large_source()
         return LocalLogitSource(self.large, use_adapter=False)
 
     def proxy_tune(self, alpha: float | None = None) -> ProxyTunedLM:

@@ -155,6 +155,17 @@ def check_same_vocabulary(small_spec: str, large_spec: str) -> None:
         )
 
 
+def vocabulary_hash(tokenizer: Any) -> str:
+    """SHA-256 of the (token, id) table and of the probe strings' encodings: equal hashes mean a
+    remote large LM reads token ids exactly as the local small LM's tokenizer writes them."""
+    import hashlib
+    import json
+
+    table = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    probes = [tokenizer(probe)["input_ids"] for probe in PROBE_STRINGS]
+    return hashlib.sha256(json.dumps([table, probes], ensure_ascii=False).encode()).hexdigest()
+
+
 def check_logit_width(small: Any, large: Any, small_spec: str, large_spec: str) -> None:
     """Same tokenizer but different output heads (padded vocabularies) would misalign logits."""
     ws, wl = small.get_output_embeddings().weight.shape[0], large.get_output_embeddings().weight.shape[0]

@@ -35,11 +35,13 @@ to one JSON key) are dropped and counted in ``stats.unmapped``.
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any
 
 import torch
@@ -195,8 +197,17 @@ class OpenAITopKSource:
     @classmethod
     def from_config(cls, model_cfg: Any, tokenizer: Any, vocab_size: int) -> "OpenAITopKSource":
         """Build from ``[model]``: ``large_url``, ``large_api_key_file``, ``large_model_name``, ``large_topk``."""
-        return cls(model_cfg.large_url, model_cfg.large_model_name, model_cfg.large_topk, tokenizer, vocab_size,
-                   api_key=read_api_key(model_cfg.large_api_key_file))
+        from fedpt.models.remote import read_api_key
+
+        return cls(openai_base_url(model_cfg.large_url), model_cfg.large_model_name, model_cfg.large_topk, tokenizer,
+                   vocab_size, api_key=read_api_key(model_cfg.large_api_key_file))
+
+    def fork(self) -> "OpenAITopKSource":
+        """A source for another decoding session on the same connection (the API is stateless:
+        a session is just the sequences we resend); statistics are shared."""
+        other = copy.copy(self)
+        other._rows = []
+        return other
 
     # -- LogitSource ----------------------------------------------------------------------
 
@@ -243,8 +254,8 @@ class OpenAITopKSource:
             choice = self._complete([probe], echo=True, top=1)[0]
             echoed = choice["logprobs"]["tokens"][:-1]  # the prompt's tokens, then the generated one
             ids = [self.mapper.to_id(text) for text in echoed]
-            ours = self.tokenizer(probe)["input_ids"]
-            if ids != ours:
+            ours = (self.tokenizer(probe)["input_ids"], self.tokenizer(probe, add_special_tokens=False)["input_ids"])
+            if ids not in ours:
                 raise FedPTError(f"the large LM at {self.base_url} ('{self.model}') tokenizes {probe[:30]!r} "
                                  "differently from the small model's tokenizer; proxy-tuning needs one shared "
                                  "vocabulary: serve a large model of the small model's family")
@@ -375,14 +386,30 @@ def _message(response: Any) -> str:
     return str(data)[:300]
 
 
-def read_api_key(path: str) -> str | None:
-    """The key in ``path`` (surrounding whitespace stripped); ``""`` means no key."""
-    if not path:
-        return None
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise FedPTError(f"API key file {file} does not exist (model.large_api_key_file)")
-    key = file.read_text().strip()
-    if not key:
-        raise FedPTError(f"API key file {file} is empty (model.large_api_key_file)")
-    return key
+def openai_base_url(url: str) -> str:
+    """The OpenAI base URL as clients take it (``.../v1``); a bare ``http://host:port`` gets ``/v1``."""
+    url = url.rstrip("/")
+    return url + "/v1" if urlsplit(url).path in ("", "/") else url
+
+
+def openai_logit_source(cfg: Any, small_base: Any) -> Callable[[], OpenAITopKSource]:
+    """``model.large_backend = "openai"``: connect, check the vocabulary, and return a factory of
+    sources (one per decoding session) for ``fedpt.server.large_logit_source``."""
+    from fedpt.models.loading import PROBE_STRINGS, load_tokenizer
+
+    width = small_base.get_output_embeddings().weight.shape[0]
+    source = OpenAITopKSource.from_config(cfg.model, load_tokenizer(cfg.model.small), width)
+    source.check_vocabulary(PROBE_STRINGS)
+    return source.fork
+
+
+def check_openai_vocabulary(cfg: Any) -> None:
+    """Preflight for ``large_backend = "openai"``: reachable, key accepted, same tokenization."""
+    from fedpt.models.loading import PROBE_STRINGS, load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model.small)
+    source = OpenAITopKSource.from_config(cfg.model, tokenizer, len(tokenizer))
+    try:
+        source.check_vocabulary(PROBE_STRINGS)
+    finally:
+        source.client.close()

@@ -1,7 +1,7 @@
 """How much proxy-tuning through a top-k log-probability API loses against full logits, and what it costs.
 
     python bench/topk_fidelity.py --run RUN_DIR [--system fedpt] [--ks 5,20,100] [--prompts 16]
-        [--speed-prompts 2] [--speed-tokens 16] [--speed-k 20] [--out runs/topk-fidelity]
+        [--speed-prompts 2] [--speed-tokens 16] [--out runs/topk-fidelity]
 
 RUN_DIR is a finished ``fedpt run`` (its ``config.toml`` and ``<system>/adapter``). Two parts:
 
@@ -14,7 +14,7 @@ RUN_DIR is a finished ``fedpt run`` (its ``config.toml`` and ``<system>/adapter`
    position of the full-logits trajectories, the mean KL(p_topk || p_full) = -log p_full(S_k),
    the mean proxy mass outside S_k, and how often the greedy choice is the same.
 2. Speed: proxy-tuned greedy decoding at batch 1 through ``OpenAITopKSource`` against a real
-   ``fedpt serve --model <large>`` process on 127.0.0.1 (k = ``--speed-k``), divided by the
+   ``fedpt serve --model <large>`` process on 127.0.0.1 (each k of ``--ks``), divided by the
    same decoding with the local backend, same prompts, interleaved. The stateless API resends
    every sequence each step, so this ratio falls as sequences grow.
 
@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -98,69 +97,70 @@ def decode_set(source, tokenizer, examples, cfg) -> tuple[list[list[int]], float
     return ids, rouge, seconds
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(model_spec: str, dtype: str, log: Path) -> tuple[subprocess.Popen, str]:
-    """``fedpt serve`` for the plain large LM on a free loopback port; waits until /v1/models answers."""
+def start_server(model_spec: str, dtype: str, k: int, log: Path) -> tuple[subprocess.Popen, str]:
+    """``fedpt serve`` for the plain large LM on a free loopback port (``--port 0``; the first stdout
+    line names it); returns once /v1/models answers."""
     import httpx
 
-    port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "fedpt.cli", "serve", "--model", model_spec, "--host",
-                                "127.0.0.1", "--port", str(port), "--dtype", dtype],
-                               stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
+                                "127.0.0.1", "--port", "0", "--dtype", dtype, "--max-logprobs", str(max(k, 1))],
+                               stdout=subprocess.PIPE, stderr=log.open("w"), text=True, start_new_session=True)
+    first = process.stdout.readline()
+    if not first.startswith("serving "):
+        process.wait()
+        raise SystemExit(f"fedpt serve did not start ({first!r}); see {log}")
+    url = first.split(" at ", 1)[1].split()[0] + "/v1"
+    while True:
         if process.poll() is not None:
             raise SystemExit(f"fedpt serve exited with {process.returncode}; see {log}")
         try:
-            if httpx.get(url + "/models", timeout=5).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    process.kill()
-    raise SystemExit(f"fedpt serve did not come up in 15 min; see {log}")
+            httpx.get(url + "/models", timeout=30)
+            return process, url
+        except httpx.TransportError:
+            time.sleep(0.5)
 
 
-def speed(cfg, tokenizer, large, small, vocab_size: int, examples, k: int, prompts: int, tokens: int,
+def speed(cfg, tokenizer, large, small, vocab_size: int, examples, ks: list[int], prompts: int, tokens: int,
           out: Path) -> dict:
-    """Tokens/s at batch 1: OpenAI top-k backend on our server ÷ local backend, interleaved per prompt."""
+    """Tokens/s at batch 1: the OpenAI top-k backend on our own server, per k, ÷ the local backend
+    (full logits, KV cache); same prompts, interleaved per prompt. Also checks that the API's tokens
+    equal the offline top-k restriction's."""
     from fedpt.models.logits import LocalLogitSource, MixedAdapterDiff
     from fedpt.models.openai_topk import OpenAITopKSource, TopKRestricted
     from fedpt.proxy import ProxyTunedLM
 
     speed_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_new_tokens=tokens, batch_size=1))
-    process, url = start_server(cfg.model.large, cfg.model.dtype, out / "serve.log")
+    alpha = cfg.proxy.alpha
+    process, url = start_server(cfg.model.large, cfg.model.dtype, max(ks), out / "serve.log")
+    local = {"seconds": 0.0, "tokens": 0}
+    per_k = {k: {"seconds": 0.0, "tokens": 0, "same": 0} for k in ks}
+    sources = {}
     try:
-        remote = OpenAITopKSource(url, "", k, tokenizer, vocab_size)
-        local_s = remote_s = 0.0
-        local_n = remote_n = same = 0
+        sources = {k: OpenAITopKSource(url, "", k, tokenizer, vocab_size) for k in ks}
         for example in examples[:prompts]:
-            alpha = cfg.proxy.alpha
-            ids_l, _, sec_l = decode_set(ProxyTunedLM(LocalLogitSource(large), MixedAdapterDiff(small), alpha),
-                                         tokenizer, [example], speed_cfg)
-            ids_r, _, sec_r = decode_set(ProxyTunedLM(remote, MixedAdapterDiff(small), alpha),
-                                         tokenizer, [example], speed_cfg)
-            ids_o, _, _ = decode_set(ProxyTunedLM(TopKRestricted(LocalLogitSource(large), k), MixedAdapterDiff(small),
-                                                  alpha), tokenizer, [example], speed_cfg)
-            local_s, local_n = local_s + sec_l, local_n + len(ids_l[0])
-            remote_s, remote_n = remote_s + sec_r, remote_n + len(ids_r[0])
-            same += ids_r == ids_o
+            ids, _, sec = decode_set(ProxyTunedLM(LocalLogitSource(large), MixedAdapterDiff(small), alpha),
+                                     tokenizer, [example], speed_cfg)
+            local["seconds"] += sec
+            local["tokens"] += len(ids[0])
+            for k in ks:
+                ids_api, _, sec = decode_set(ProxyTunedLM(sources[k].fork(), MixedAdapterDiff(small), alpha),
+                                             tokenizer, [example], speed_cfg)
+                ids_off, _, _ = decode_set(ProxyTunedLM(TopKRestricted(LocalLogitSource(large), k),
+                                                        MixedAdapterDiff(small), alpha), tokenizer, [example],
+                                           speed_cfg)
+                per_k[k]["seconds"] += sec
+                per_k[k]["tokens"] += len(ids_api[0])
+                per_k[k]["same"] += ids_api == ids_off
     finally:
         os.killpg(process.pid, 15)
-        process.wait(timeout=60)
-    stats = remote.stats
-    return {"k": k, "prompts": prompts, "max_new_tokens": tokens,
-            "local_tokens_per_s": local_n / local_s, "openai_topk_tokens_per_s": remote_n / remote_s,
-            "ratio": (remote_n / remote_s) / (local_n / local_s),
-            "api_equals_offline_topk": f"{same}/{prompts}", "requests": stats.requests,
-            "prompt_tokens_sent": stats.prompt_tokens, "unmapped": stats.unmapped,
-            "token_ids_extension": remote.token_ids_extension}
+        process.wait(timeout=120)
+    local_rate = local["tokens"] / local["seconds"]
+    return {"prompts": prompts, "max_new_tokens": tokens, "local_tokens_per_s": local_rate,
+            "per_k": {k: {"tokens_per_s": v["tokens"] / v["seconds"], "ratio": v["tokens"] / v["seconds"] / local_rate,
+                          "api_equals_offline_topk": f"{v['same']}/{prompts}", "requests": sources[k].stats.requests,
+                          "prompt_tokens_sent": sources[k].stats.prompt_tokens, "unmapped": sources[k].stats.unmapped,
+                          "token_ids_extension": sources[k].token_ids_extension}
+                      for k, v in per_k.items()}}
 
 
 def main() -> None:
@@ -171,7 +171,6 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16, help="prompts per extra evaluation set")
     parser.add_argument("--speed-prompts", type=int, default=2)
     parser.add_argument("--speed-tokens", type=int, default=16)
-    parser.add_argument("--speed-k", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("runs/topk-fidelity"))
     args = parser.parse_args()
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
@@ -234,7 +233,7 @@ def main() -> None:
     speed_result = None
     if args.speed_prompts:
         speed_result = speed(cfg, tokenizer, large, small, vocab_size, next(iter(eval_sets.values())),
-                             args.speed_k, args.speed_prompts, args.speed_tokens, args.out)
+                             ks, args.speed_prompts, args.speed_tokens, args.out)
 
     result = {"run": str(args.run), "system": args.system, "models": [cfg.model.small, cfg.model.large],
               "dtype": cfg.model.dtype, "alpha": alpha, "max_new_tokens": cfg.eval.max_new_tokens,
@@ -249,28 +248,37 @@ def main() -> None:
 
 def to_markdown(result: dict) -> str:
     sets = list(result["eval_sets"])
+    speed = result.get("speed") or {}
     header = "| large LM logits | " + " | ".join(f"Rouge-L {s} ({result['eval_sets'][s]})" for s in sets)
-    header += " | outputs = full | mean KL(p_topk ‖ p_full) | proxy mass outside top-k | greedy agreement | tokens/s (local) |"
+    header += (" | outputs = full | mean KL(p_topk ‖ p_full) | proxy mass outside top-k | greedy agreement"
+               " | tokens/s, batch 1 (÷ local) |")
     lines = [header, "|" + "---|" * (len(sets) + 6)]
     total = sum(result["eval_sets"].values())
     for name, row in result["rows"].items():
         rouge = " | ".join(f"{row['rouge'][s]:.2f}" for s in sets)
-        extra = "— | — | — | —" if name == "full" else (
-            f"{row['identical']}/{total} | {row['kl']:.4f} | {row['mass_out']:.4f} | "
-            f"{100 * row['greedy_agreement']:.1f}%")
-        lines.append(f"| {name} | {rouge} | {extra} | {row['tokens'] / row['seconds']:.2f} |")
-    speed = result.get("speed")
+        if name == "full":
+            rate = f"{speed['local_tokens_per_s']:.2f} (local backend)" if speed else "—"
+            lines.append(f"| full | {rouge} | — | — | — | — | {rate} |")
+            continue
+        k = int(name.removeprefix("top-"))
+        api = (speed.get("per_k") or {}).get(k) or (speed.get("per_k") or {}).get(str(k))
+        rate = f"{api['tokens_per_s']:.2f} ({api['ratio']:.2f})" if api else "—"
+        lines.append(f"| {name} | {rouge} | {row['identical']}/{total} | {row['kl']:.4f} | {row['mass_out']:.4f} | "
+                     f"{100 * row['greedy_agreement']:.1f}% | {rate} |")
+    positions = result["rows"][next(n for n in result["rows"] if n != "full")]["positions"]
     notes = [f"\nModels {result['models'][0]} → {result['models'][1]} ({result['dtype']}), α = {result['alpha']}, "
-             f"greedy, max_new_tokens = {result['max_new_tokens']}; KL and agreement on the "
-             f"{result['rows'][next(n for n in result['rows'] if n != 'full')]['positions']} positions of the full-logits "
-             f"outputs. {result['seconds'] / 60:.1f} min on {result['cpus']} shared cores (busy machine: load average "
-             f"{result['load_average_at_end'][1]:.1f} at the end)."]
+             f"greedy, max_new_tokens = {result['max_new_tokens']}. Top-k rows decode with the large LM's logits "
+             f"restricted to its top-k locally (`TopKRestricted`); KL, mass and agreement on the {positions} positions "
+             f"of the full-logits outputs. {result['seconds'] / 60:.1f} min on {result['cpus']} shared cores (busy "
+             f"machine: load average {result['load_average_at_end'][1]:.1f} at the end)."]
     if speed:
-        notes.append(f"Speed, batch 1, {speed['prompts']} prompts × up to {speed['max_new_tokens']} tokens: top-{speed['k']} "
-                     f"API backend on `fedpt serve` {speed['openai_topk_tokens_per_s']:.2f} tokens/s, local backend "
-                     f"{speed['local_tokens_per_s']:.2f} tokens/s, ratio {speed['ratio']:.2f}; API outputs equal the "
-                     f"offline top-k ones on {speed['api_equals_offline_topk']} prompts; {speed['requests']} requests, "
-                     f"{speed['prompt_tokens_sent']} prompt tokens sent, {speed['unmapped']} unmapped tokens.")
+        checks = ", ".join(f"top-{k}: {v['api_equals_offline_topk']}" for k, v in speed["per_k"].items())
+        sent = ", ".join(f"top-{k}: {v['requests']} requests / {v['prompt_tokens_sent']} prompt tokens"
+                         for k, v in speed["per_k"].items())
+        notes.append(f"Tokens/s: proxy-tuned greedy decoding at batch 1, {speed['prompts']} prompts × up to "
+                     f"{speed['max_new_tokens']} tokens, through `OpenAITopKSource` against a real `fedpt serve` "
+                     f"on 127.0.0.1 ÷ the local backend (same prompts, interleaved). API outputs equal the offline "
+                     f"top-k ones on {checks}. Sent: {sent} (the stateless API resends every sequence each step).")
     return "\n".join(lines) + "\n" + "\n".join(notes) + "\n"
 
 

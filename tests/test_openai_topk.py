@@ -180,13 +180,14 @@ def test_byte_level_mapping_without_token_ids_counts_what_it_drops(server, tiny_
     assert source.stats.unmapped > 0
 
 
+@pytest.mark.slow
 def test_fedpt_run_with_the_openai_backend_completes(server, tmp_path):
     out = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, "-m", "fedpt.cli", "run", "--preset", "tiny", "--no-progress", "--out", str(out), *FAST,
          "--set", "federation.rounds=1", "--set", "run.systems=['fedpt']", "--set", "model.large_backend=openai", "--set",
          f"model.large_url={server['url']}", "--set", f"model.large_api_key_file={server['key_file']}",
-         "--set", "model.large_topk=5"], capture_output=True, text=True, timeout=900)
+         "--set", "model.large_topk=5"], capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-6000:]
     records = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     final = records[-1]

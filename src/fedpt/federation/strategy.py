@@ -31,7 +31,7 @@ from flwr.serverapp import Grid
 from flwr.common.logger import log
 from flwr.serverapp.strategy import FedAvg, Strategy
 
-from fedpt.errors import FedPTError
+from fedpt.errors import FedPTError, ServiceError
 from fedpt.faults import kill_point
 from fedpt.federation.local_dp import LocalDp
 from fedpt.federation.records import (ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, PARTITION_KEY, UNIFORM_WEIGHT_KEY,
@@ -315,6 +315,8 @@ class FedPTStrategy(FedAvg):
         """A failing server step fails the round with its reason; the last checkpoint stays valid."""
         try:
             yield
+        except ServiceError as err:  # an outage, not bad input: the round fails and can be resumed
+            raise FedPTError(f"round {server_round}: {step} failed: {err}") from err
         except FedPTError:
             raise
         except Exception as err:  # any library error: one line with the step and the cause

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from fedpt.errors import FedPTError
+from fedpt.errors import FedPTError, ServiceError
 
 WIRE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 SHAPE_HEADER, DTYPE_HEADER, SESSION_HEADER = "X-FedPT-Shape", "X-FedPT-Dtype", "X-FedPT-Session"
@@ -90,7 +90,7 @@ class LogitsService:
             if attempt < self.retry.attempts - 1:
                 time.sleep(delay)
                 delay *= 2
-        raise FedPTError(f"the logits service at {self.url} did not answer after {self.retry.attempts} tries "
+        raise ServiceError(f"the logits service at {self.url} did not answer after {self.retry.attempts} tries "
                          f"({last}); start it (`fedpt serve --model ...`) or fix model.large_url")
 
     def info(self) -> dict[str, Any]:

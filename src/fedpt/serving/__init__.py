@@ -35,6 +35,7 @@ def serve(model: str | None, run: Path | None, system: str | None, host: str, po
     except OSError as err:
         raise FedPTError(f"cannot listen on {host}:{port}: {err.strerror}; choose another --port "
                          "(0 picks a free one)") from None
+    sock.listen(2048)  # listening before the address is announced: clients may connect right away
     bound = sock.getsockname()[1]
     print(f"serving {served.name} at http://{host}:{bound} (OpenAI API under /v1; "
           f"{'API key required' if api_key else 'no API key'})", flush=True)

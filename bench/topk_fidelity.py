@@ -5,8 +5,8 @@
 
 RUN_DIR is a finished ``fedpt run`` (its ``config.toml`` and ``<system>/adapter``). Two parts:
 
-1. Quality, on the run's evaluation sets (the source's held-out split as the run used it; the
-   extra sets capped at ``--prompts`` each), greedy, the run's ``eval.max_new_tokens``: the
+1. Quality, on the run's evaluation sets (the source's held-out split as the run used it, the
+   extra sets; each cut to its first ``--prompts``), greedy, the run's ``eval.max_new_tokens``: the
    proxy-tuned large LM decoded with full logits and with the large LM's logits restricted to
    its top-k (``TopKRestricted``: what a server returning k log-probs shows, at local KV-cache
    speed; tests/test_openai_topk.py checks that the real API path gives the same tokens).
@@ -168,7 +168,7 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--system", default="fedpt")
     parser.add_argument("--ks", default="5,20,100")
-    parser.add_argument("--prompts", type=int, default=16, help="prompts per extra evaluation set")
+    parser.add_argument("--prompts", type=int, default=16, help="prompts per evaluation set (at most the run's)")
     parser.add_argument("--speed-prompts", type=int, default=2)
     parser.add_argument("--speed-tokens", type=int, default=16)
     parser.add_argument("--out", type=Path, default=Path("runs/topk-fidelity"))
@@ -194,7 +194,8 @@ def main() -> None:
     small = PeftModel.from_pretrained(load_model(cfg.model.small, cfg.model.dtype), args.run / args.system / "adapter")
     large = load_model(cfg.model.large, cfg.model.dtype)
     vocab_size = small.get_output_embeddings().weight.shape[0]
-    eval_sets = load_eval_sets(cfg, load_splits(cfg))
+    # The run's sets, each cut to its first --prompts (stratified order: one per category first).
+    eval_sets = {name: examples[: args.prompts] for name, examples in load_eval_sets(cfg, load_splits(cfg)).items()}
     alpha = cfg.proxy.alpha
 
     rows: dict[str, dict] = {"full": {"rouge": {}, "identical": 0, "tokens": 0, "seconds": 0.0}}

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from fedpt.errors import FedPTError
+from fedpt.errors import FedPTError, ServiceError
 
 TOKEN_ID_PREFIX = "token_id:"  # vLLM's return_tokens_as_token_ids format
 BYTES_PREFIX = "bytes:"  # OpenAI's format for tokens that are not valid UTF-8, e.g. "bytes:\\xe6\\x9d"
@@ -360,7 +360,8 @@ class OpenAITopKSource:
             if attempt < self.retries:
                 time.sleep(delay)
                 delay *= 2
-        raise FedPTError(f"{last} [after {self.retries + 1} attempts]")
+        # An outage, not bad input: a round that meets it fails resumably (fedpt.errors.ServiceError).
+        raise ServiceError(f"{last} [after {self.retries + 1} attempts]")
 
 
 class _Rejected(Exception):

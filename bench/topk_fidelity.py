@@ -231,20 +231,24 @@ def main() -> None:
             row[key] = row.pop(f"{key}_sum") / max(row["positions"], 1)
     sizes = {name: len(examples) for name, examples in eval_sets.items()}
 
+    def save(speed_result: dict | None) -> str:
+        result = {"run": str(args.run), "system": args.system, "models": [cfg.model.small, cfg.model.large],
+                  "dtype": cfg.model.dtype, "alpha": alpha, "max_new_tokens": cfg.eval.max_new_tokens,
+                  "eval_sets": sizes, "rows": rows, "speed": speed_result,
+                  "seconds": time.perf_counter() - started, "cpus": os.cpu_count(),
+                  "load_average_at_end": os.getloadavg()}
+        (args.out / "topk_fidelity.json").write_text(json.dumps(result, indent=2))
+        markdown = to_markdown(result)
+        (args.out / "topk_fidelity.md").write_text(markdown)
+        return markdown
+
+    print(save(None), flush=True)  # the quality part, in case the speed part is cut short
     speed_result = None
     if args.speed_prompts:
         speed_result = speed(cfg, tokenizer, large, small, vocab_size, next(iter(eval_sets.values())),
                              ks, args.speed_prompts, args.speed_tokens, args.out)
 
-    result = {"run": str(args.run), "system": args.system, "models": [cfg.model.small, cfg.model.large],
-              "dtype": cfg.model.dtype, "alpha": alpha, "max_new_tokens": cfg.eval.max_new_tokens,
-              "eval_sets": sizes, "rows": rows, "speed": speed_result,
-              "seconds": time.perf_counter() - started, "cpus": os.cpu_count(),
-              "load_average_at_end": os.getloadavg()}
-    (args.out / "topk_fidelity.json").write_text(json.dumps(result, indent=2))
-    markdown = to_markdown(result)
-    (args.out / "topk_fidelity.md").write_text(markdown)
-    print(markdown)
+    print(save(speed_result))
 
 
 def to_markdown(result: dict) -> str:

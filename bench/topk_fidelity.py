@@ -163,6 +163,35 @@ def speed(cfg, tokenizer, large, small, vocab_size: int, examples, ks: list[int]
                       for k, v in per_k.items()}}
 
 
+def teacher_forced(cfg, tokenizer, large, small, eval_sets, ks: list[int]) -> dict:
+    """The cheap variant (``--teacher-forced``): one scoring pass over prompt + reference response
+    (cut to ``eval.max_new_tokens``), no decoding: KL, mass outside S_k and greedy agreement at
+    every response position. For machines too busy for the decoding runs."""
+    from fedpt.data.prompts import IGNORE_INDEX, collate, encode_prompt, format_prompt
+    from fedpt.models.logits import LocalLogitSource, MixedAdapterDiff
+
+    recorder = FullProxyRecorder(None, None, cfg.proxy.alpha, ks, [])
+    for examples in eval_sets.values():
+        for start in range(0, len(examples), cfg.eval.batch_size):
+            rows, longest = [], 0
+            for ex in examples[start: start + cfg.eval.batch_size]:
+                prompt_ids = encode_prompt(tokenizer, format_prompt(ex, cfg.data.template, tokenizer),
+                                           cfg.data.max_prompt_tokens)
+                response = tokenizer(ex.response, add_special_tokens=False)["input_ids"][: cfg.eval.max_new_tokens]
+                rows.append((prompt_ids + response, [IGNORE_INDEX] * len(prompt_ids) + response))
+                longest = max(longest, len(response))
+            batch = collate(rows, tokenizer.pad_token_id, left=True)
+            next_labels = torch.full_like(batch["labels"], IGNORE_INDEX)
+            next_labels[:, :-1] = batch["labels"][:, 1:]
+            keep = longest + 1
+            select = next_labels[:, -keep:] != IGNORE_INDEX
+            z_large = LocalLogitSource(large).score(batch["input_ids"], batch["attention_mask"], keep)[select]
+            z_diff = MixedAdapterDiff(small).score(batch["input_ids"], batch["attention_mask"], keep)[select]
+            recorder._alive = torch.ones(len(z_large), dtype=torch.bool)
+            recorder._record(z_large, z_diff)
+    return {"positions": recorder.positions, "per_k": recorder.summary()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True)
@@ -172,6 +201,8 @@ def main() -> None:
     parser.add_argument("--speed-prompts", type=int, default=2)
     parser.add_argument("--speed-tokens", type=int, default=16)
     parser.add_argument("--out", type=Path, default=Path("runs/topk-fidelity"))
+    parser.add_argument("--teacher-forced", action="store_true",
+                        help="only KL / mass / agreement on reference responses (one scoring pass, no decoding)")
     args = parser.parse_args()
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
@@ -198,6 +229,15 @@ def main() -> None:
     eval_sets = {name: examples[: args.prompts] for name, examples in load_eval_sets(cfg, load_splits(cfg)).items()}
     alpha = cfg.proxy.alpha
 
+    if args.teacher_forced:
+        result = {"run": str(args.run), "models": [cfg.model.small, cfg.model.large], "dtype": cfg.model.dtype,
+                  "alpha": alpha, "eval_sets": {n: len(e) for n, e in eval_sets.items()},
+                  "max_response_tokens": cfg.eval.max_new_tokens,
+                  "teacher_forced": teacher_forced(cfg, tokenizer, large, small, eval_sets, ks),
+                  "seconds": time.perf_counter() - started, "load_average_at_end": os.getloadavg()}
+        (args.out / "topk_teacher_forced.json").write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
+        return
     rows: dict[str, dict] = {"full": {"rouge": {}, "identical": 0, "tokens": 0, "seconds": 0.0}}
     rows |= {f"top-{k}": {"rouge": {}, "identical": 0, "tokens": 0, "seconds": 0.0} for k in ks}
     recorder = None

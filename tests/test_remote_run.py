@@ -176,3 +176,32 @@ def test_serve_a_runs_proxy_tuned_lm(two_runs, fedpt_home, request):
                                         extra_body=extra)
         expected = by_hand(1.0 if alpha is None else alpha)  # the run's proxy.alpha is 1.0
         assert out.choices[0].logprobs.tokens == [f"token_id:{t}" for t in expected], alpha
+
+
+def test_server_steps_with_the_remote_backend_equal_the_local_ones(large_service, fedpt_home):
+    """What the backend changes, without a Flower simulation: the server's proxy-tuning, distillation
+    and evaluation with the large LM behind ``fedpt serve`` equal those with the large LM in-process
+    (fp32 on the wire), from the same non-trivial small adapter."""
+    from fedpt.server import ServerModels, load_splits
+
+    _, url = large_service
+    overrides = ["data.eval_size=8", "data.kd_pool_size=8", "eval.max_new_tokens=8", "distill.max_new_tokens=8",
+                 "distill.steps=2", "run.systems=['fedpt']"]
+    local_cfg = load_config(preset="tiny", overrides=overrides)
+    remote_cfg = load_config(preset="tiny", overrides=[*overrides, "model.large_backend=remote",
+                                                       f"model.large_url={url}"])
+    results = []
+    for cfg in (local_cfg, remote_cfg):
+        server = ServerModels.load(cfg, load_splits(cfg), large_trainable=False)
+        assert (server.large is None) == (cfg is remote_cfg)  # the remote backend loads no large weights
+        generator = torch.Generator().manual_seed(0)
+        adapter = {k: torch.randn(v.shape, generator=generator) * 0.05 for k, v in server.initial["small"].items()}
+        server.load_adapter("small", adapter)
+        before = server.evaluate(server.proxy_tune())
+        distilled = server.distill(server_round=1)
+        results.append((before, distilled, server.adapter_state("small")))
+    (eval_a, kd_a, state_a), (eval_b, kd_b, state_b) = results
+    assert {k: (v.rouge_l, v.samples) for k, v in eval_a.items()} == {k: (v.rouge_l, v.samples) for k, v in eval_b.items()}
+    assert kd_b.loss == pytest.approx(kd_a.loss, rel=1e-5) and kd_b.kl_before == pytest.approx(kd_a.kl_before, rel=1e-5)
+    for key in state_a:
+        torch.testing.assert_close(state_b[key], state_a[key], atol=1e-6, rtol=1e-5)

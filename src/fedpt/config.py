@@ -41,10 +41,14 @@ class ModelConfig:
     large_backend: str = "local"
     large_url: str = ""  # remote/openai: the service's base URL, e.g. http://127.0.0.1:8000
     large_api_key_file: str = ""  # remote/openai: file holding the API key ("" = none)
+    # openai: the proxy is restricted to the large LM's top-k tokens (fedpt.models.openai_topk).
+    large_model_name: str = ""  # openai: the request's `model`; "" = the one model the server lists
+    large_topk: int = 20  # openai: log-probabilities per position (OpenAI allows 5, vLLM 20 unless --max-logprobs)
 
     def validate(self) -> None:
         _check_choice("model.dtype", self.dtype, DTYPES)
         _check_choice("model.large_backend", self.large_backend, LARGE_BACKENDS)
+        _check_positive("model.large_topk", self.large_topk)
         if not self.small or not self.large:
             raise FedPTError("model.small and model.large must both name a model")
         if self.large_backend != "local" and not self.large_url.startswith(("http://", "https://")):

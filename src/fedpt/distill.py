@@ -82,7 +82,11 @@ def kd_loss(student_logits: torch.Tensor, batch: KDBatch, temperature: float, ce
     """(1 - w) * T^2 * KL(p_t || p_s) + w * CE, averaged over response tokens. Logits (N, V)."""
     student_logprobs = F.log_softmax(student_logits.float() / temperature, dim=-1)
     teacher_logprobs = batch.teacher_logprobs.float()
-    kl = (teacher_logprobs.exp() * (teacher_logprobs - student_logprobs)).sum(-1).mean()
+    # A top-k teacher (fedpt.models.openai_topk) is -inf outside its support: 0 * log 0 = 0 there,
+    # not 0 * (-inf) = NaN. The KL then runs over the teacher's support only, as FedMKT's.
+    support = torch.isfinite(teacher_logprobs)
+    teacher_logprobs = teacher_logprobs.masked_fill(~support, 0.0)
+    kl = (teacher_logprobs.exp() * support * (teacher_logprobs - student_logprobs)).sum(-1).mean()
     loss = (1.0 - ce_weight) * temperature**2 * kl
     if ce_weight > 0:
         loss = loss + ce_weight * F.cross_entropy(student_logits.float(), batch.targets)

@@ -148,6 +148,12 @@ class DecodeSession:
         else:
             logits = self.source.step(self._last)
         scores = self.processors(self.sequences, logits)
+        # A top-k large LM leaves only k finite candidates (-inf elsewhere): if the processors
+        # (no-repeat-ngram) remove all of them, keep that row's unfiltered candidates rather
+        # than sampling from an all -inf row (NaN) or taking argmax = token 0.
+        emptied = ~torch.isfinite(scores).any(dim=-1)
+        if emptied.any():
+            scores = torch.where(emptied[:, None], logits, scores)
         if self.cfg.do_sample:
             probs = torch.softmax(scores, dim=-1)
             next_tokens = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)

@@ -42,6 +42,10 @@ def preflight(cfg: FedPTConfig) -> tuple[dict[str, list[int]], dict[str, int]]:
         from fedpt.models.remote import check_remote_vocabulary
 
         check_remote_vocabulary(cfg.model.large_url, cfg.model.large_api_key_file, cfg.model.small)
+    else:  # openai: only the completions API; the server must tokenize probe texts as we do
+        from fedpt.models.openai_topk import check_openai_vocabulary
+
+        check_openai_vocabulary(cfg)
     check_memory(cfg)
     return category_histogram(partitions), {name: len(examples) for name, examples in eval_sets.items()}
 

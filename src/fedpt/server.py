@@ -14,7 +14,6 @@ from typing import Any
 
 from fedpt.config import FedPTConfig
 from fedpt.data.prompts import format_prompt
-from fedpt.errors import FedPTError
 from fedpt.data.records import (Example, Splits, check_disjoint, load_eval_set, load_examples, source_name,
                                 split_examples)
 from fedpt.distill import DistillResult, distill
@@ -61,10 +60,8 @@ def large_logit_source(cfg: FedPTConfig, small_base: Any) -> tuple[Any, Callable
         service = LogitsService(model.large_url, read_api_key(model.large_api_key_file))
         check_remote_width(service, small_base, model.small)
         return None, lambda: RemoteLogitSource(service)
-    try:
-        from fedpt.models.openai import openai_logit_source  # the top-k backend (issue 11, part 3)
-    except ImportError:
-        raise FedPTError("model.large_backend = 'openai' is not available in this version of fedpt") from None
+    from fedpt.models.openai_topk import openai_logit_source  # top-k log-probabilities only
+
     return None, openai_logit_source(cfg, small_base)
 
 

@@ -1,0 +1,216 @@
+"""The top-k black-box backend against a real ``fedpt serve --model tiny-large`` process on 127.0.0.1.
+
+Every comparison is against an independent computation: the tiny large model run locally with
+plain Hugging Face calls (log-softmax, top-k), not the code path under test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedpt.data.prompts import encode_prompts_left
+from fedpt.errors import FedPTError
+from fedpt.models.logits import LocalLogitSource, MixedAdapterDiff
+from fedpt.models.lora import attach_lora
+from fedpt.models.openai_topk import OpenAITopKSource, TopKRestricted
+from fedpt.proxy import Decoding, ProxyTunedLM, decode, stop_token_ids
+
+from .conftest import FAST
+
+PROMPTS = ["### Instruction:\nName a fruit.\n\n### Response:\n", "Tell me about the sun and the moon, please."]
+API_KEY = "test-key-topk"
+
+
+def start_serve(model: str, log: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    """``fedpt serve --port 0`` (the OS picks a free port); returns the process and its /v1 URL once
+    it answers. The first stdout line names the bound address."""
+    import httpx
+
+    process = subprocess.Popen([sys.executable, "-m", "fedpt.cli", "serve", "--model", model, "--host", "127.0.0.1",
+                                "--port", "0", *extra], stdout=subprocess.PIPE, stderr=log.open("w"), text=True,
+                               start_new_session=True)
+    try:
+        first = process.stdout.readline()  # "serving <name> at http://127.0.0.1:<port> (...)"
+        if not first.startswith("serving "):
+            raise RuntimeError(f"fedpt serve did not start: {first!r} {log.read_text()[-2000:]}")
+        url = first.split(" at ", 1)[1].split()[0] + "/v1"
+        while True:  # bound but maybe not yet accepting: wait for the condition, not for a time
+            if process.poll() is not None:
+                raise RuntimeError(f"fedpt serve exited with {process.returncode}: {log.read_text()[-2000:]}")
+            try:
+                httpx.get(url + "/models", timeout=10)
+                return process, url
+            except httpx.TransportError:
+                time.sleep(0.1)
+    except BaseException:
+        stop_serve(process)
+        raise
+
+
+def stop_serve(process: subprocess.Popen) -> None:
+    """Stop exactly the server we started (its own process group), also when a test failed."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    if process.stdout:
+        process.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def server(fedpt_home, tmp_path_factory):
+    """A real ``fedpt serve --model tiny-large`` (fp32, API key, k up to the whole vocabulary)."""
+    folder = tmp_path_factory.mktemp("serve")
+    key_file = folder / "key"
+    key_file.write_text(API_KEY + "\n")
+    process, url = start_serve("tiny-large", folder / "serve.log", "--api-key-file", str(key_file), "--dtype",
+                               "float32", "--max-logprobs", "4096", "--threads", "1")
+    yield {"url": url, "key_file": str(key_file)}
+    stop_serve(process)
+
+
+def _source(server, tokenizer, k: int, **kwargs) -> OpenAITopKSource:
+    return OpenAITopKSource(server["url"], "", k, tokenizer, len(tokenizer), api_key=API_KEY, **kwargs)
+
+
+def _local_topk(large, sequence: list[int], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Independent: top-k of the local model's log-softmax at every position of one sequence."""
+    with torch.no_grad():
+        logprobs = torch.log_softmax(large(input_ids=torch.tensor([sequence])).logits[0].float(), dim=-1)
+    return logprobs.topk(k, dim=-1)
+
+
+def test_api_topk_equals_local_log_softmax_topk(server, tiny_pair):
+    tokenizer, _, large = tiny_pair
+    k = 8
+    source = _source(server, tokenizer, k)
+    ids, mask = encode_prompts_left(tokenizer, PROMPTS, 64)
+    got = source.prefill(ids, mask)  # (B, V): k finite entries per row
+    assert source.token_ids_extension is True  # fedpt serve honours return_tokens_as_token_ids
+    for row, (prompt_ids, prompt_mask) in enumerate(zip(ids, mask)):
+        values, top = _local_topk(large, prompt_ids[prompt_mask.bool()].tolist(), k)
+        finite = torch.isfinite(got[row])
+        assert int(finite.sum()) == k
+        assert set(finite.nonzero()[:, 0].tolist()) == set(top[-1].tolist())
+        assert torch.allclose(got[row, top[-1]], values[-1], atol=1e-4)
+    # step() resends the grown sequence; the next distribution matches the local one there too.
+    nxt = got.argmax(-1)
+    after = source.step(nxt)
+    for row, (prompt_ids, prompt_mask) in enumerate(zip(ids, mask)):
+        values, top = _local_topk(large, prompt_ids[prompt_mask.bool()].tolist() + [int(nxt[row])], k)
+        assert torch.allclose(after[row, top[-1]], values[-1], atol=1e-4)
+    # Whole-sequence scoring (echo) on the left-padded batch: the last K positions.
+    scored = source.score(ids, mask, keep_last=5)
+    for row, (prompt_ids, prompt_mask) in enumerate(zip(ids, mask)):
+        values, top = _local_topk(large, prompt_ids[prompt_mask.bool()].tolist(), k)
+        for j in range(5):
+            assert set(torch.isfinite(scored[row, j]).nonzero()[:, 0].tolist()) == set(top[-5 + j].tolist())
+            assert torch.allclose(scored[row, j, top[-5 + j]], values[-5 + j], atol=1e-4)
+    assert source.stats.unmapped == 0 and source.stats.requests == 3
+
+
+@pytest.fixture(scope="module")
+def tuned_small(tiny_pair, tiny_cfg):
+    """A non-trivial adapter (tuned != base) on the tiny small model."""
+    import copy
+
+    peft = attach_lora(copy.deepcopy(tiny_pair[1]), tiny_cfg.lora, seed=0)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(7))
+    return peft
+
+
+def _greedy(source, tokenizer, tokens: int = 10) -> list[list[int]]:
+    ids, mask = encode_prompts_left(tokenizer, PROMPTS, 64)
+    return decode(source, ids, mask, stop_token_ids(tokenizer), tokenizer.pad_token_id, Decoding(max_new_tokens=tokens))
+
+
+def test_full_vocabulary_k_equals_full_logits_proxy_tuning(server, tiny_pair, tuned_small):
+    tokenizer, _, large = tiny_pair
+    full = _greedy(ProxyTunedLM(LocalLogitSource(large), MixedAdapterDiff(tuned_small), 1.0), tokenizer)
+    api = _greedy(ProxyTunedLM(_source(server, tokenizer, len(tokenizer)), MixedAdapterDiff(tuned_small), 1.0),
+                  tokenizer)
+    assert api == full
+
+
+def test_small_k_proxy_picks_only_large_topk_tokens(server, tiny_pair, tuned_small):
+    tokenizer, _, large = tiny_pair
+    k = 3
+    api = _greedy(ProxyTunedLM(_source(server, tokenizer, k), MixedAdapterDiff(tuned_small), 1.0), tokenizer)
+    full = _greedy(ProxyTunedLM(LocalLogitSource(large), MixedAdapterDiff(tuned_small), 1.0), tokenizer)
+    assert api != full  # with k = 3 the restriction changes the output (else this test shows nothing)
+    ids, mask = encode_prompts_left(tokenizer, PROMPTS, 64)
+    for row, prompt_ids, prompt_mask in zip(api, ids, mask):
+        sequence = prompt_ids[prompt_mask.bool()].tolist() + row
+        _, top = _local_topk(large, sequence, k)
+        assert all(token in top[-len(row) - 1 + i].tolist() for i, token in enumerate(row))
+    # and equals the offline restriction of the local model's logits
+    offline = _greedy(ProxyTunedLM(TopKRestricted(LocalLogitSource(large), k), MixedAdapterDiff(tuned_small), 1.0),
+                      tokenizer)
+    assert api == offline
+
+
+def test_byte_level_mapping_without_token_ids_counts_what_it_drops(server, tiny_pair):
+    """Asked without return_tokens_as_token_ids, fedpt serve returns token strings: partial UTF-8
+    tokens print as U+FFFD, cannot be mapped back, and are counted."""
+    tokenizer, _, large = tiny_pair
+    k = len(tokenizer)  # every token, so the 130 unmappable ones are among them
+    source = _source(server, tokenizer, k, token_ids=False)
+    ids, mask = encode_prompts_left(tokenizer, PROMPTS[:1], 64)
+    got = source.prefill(ids, mask)
+    values, top = _local_topk(large, ids[0][mask[0].bool()].tolist(), k)
+    printable = [i for i in top[-1].tolist() if "\ufffd" not in tokenizer.decode([i])]
+    assert set(torch.isfinite(got[0]).nonzero()[:, 0].tolist()) == set(printable)
+    assert source.stats.unmapped + source.stats.collapsed == k - len(printable)
+    assert source.stats.unmapped > 0
+
+
+@pytest.mark.slow
+def test_fedpt_run_with_the_openai_backend_completes(server, tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "fedpt.cli", "run", "--preset", "tiny", "--no-progress", "--out", str(out), *FAST,
+         "--set", "federation.rounds=1", "--set", "run.systems=['fedpt']", "--set", "model.large_backend=openai", "--set",
+         f"model.large_url={server['url']}", "--set", f"model.large_api_key_file={server['key_file']}",
+         "--set", "model.large_topk=5"], capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-6000:]
+    records = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    final = records[-1]
+    assert final["round"] == 1 and final["rougeL_proxy"] is not None
+    assert final["kd_kl_before"] == final["kd_kl_before"] and final["kd_loss"] == final["kd_loss"]  # not NaN
+
+
+def test_bad_paths_give_one_line(server, tiny_pair, tmp_path):
+    tokenizer = tiny_pair[0]
+    with pytest.raises(FedPTError, match="refused the API key"):
+        OpenAITopKSource(server["url"], "", 5, tokenizer, len(tokenizer), api_key="wrong")
+    with socket.socket() as unused:  # bound, never listening: connections are refused, nobody else gets it
+        unused.bind(("127.0.0.1", 0))
+        with pytest.raises(FedPTError, match="cannot reach the large LM"):
+            OpenAITopKSource(f"http://127.0.0.1:{unused.getsockname()[1]}/v1", "", 5, tokenizer, len(tokenizer),
+                             retries=1)
+    # Through the CLI: one line on stderr, exit status 2, no traceback.
+    result = subprocess.run(
+        [sys.executable, "-m", "fedpt.cli", "run", "--preset", "tiny", "--no-progress", "--out",
+         str(tmp_path / "bad"), "--set", "run.systems=['fedpt']", "--set", "model.large_backend=openai", "--set",
+         f"model.large_url={server['url']}",
+         "--set", f"model.large_api_key_file={tmp_path / 'missing-key'}"], capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "API key file" in result.stderr
+    assert "Traceback" not in result.stderr

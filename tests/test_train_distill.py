@@ -125,3 +125,40 @@ def test_kd_loss_of_a_pool_counts_response_positions_only(tiny_pair, tiny_cfg):
     expected = ((1 - cfg.ce_weight) * cfg.temperature**2 * sum(kls) / len(kls)
                 + cfg.ce_weight * sum(nlls) / len(nlls))
     assert float(loss) == pytest.approx(expected, rel=1e-4)
+def test_response_loss_matches_full_logits_loss_and_gradients(tiny_pair, tiny_cfg):
+    """The chunked, labelled-positions-only loss equals HF's loss over full (B, T, V) logits, and
+    so do the LoRA gradients it produces (chunk size smaller than the batch's label count)."""
+    import torch
+
+    from fedpt.data.prompts import collate, encode_sft
+    from fedpt.train import response_loss
+
+    tokenizer, small, _ = tiny_pair
+    peft = attach_lora(copy.deepcopy(small), tiny_cfg.lora, seed=0)
+    with torch.no_grad():  # a non-identity adapter, so the adapter is on the gradient path
+        for name, param in peft.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    rows = [encode_sft(tokenizer, format_prompt(ex, "alpaca"), ex.response, 64, 128) for ex in _splits().train[:4]]
+    batch = collate(rows, tokenizer.pad_token_id)  # right padding: labels at different offsets per row
+    assert int((batch["labels"][:, 1:] != -100).sum()) > 3 * 7  # several chunks below
+
+    def loss_and_grads(compute):
+        peft.zero_grad(set_to_none=True)
+        loss = compute()
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in peft.named_parameters() if p.requires_grad}
+
+    peft.train()
+    # Independent reference: full logits, shifted by hand, mean CE over labelled positions.
+    def reference():
+        logits = peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                 batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+
+    want_loss, want_grads = loss_and_grads(reference)
+    got_loss, got_grads = loss_and_grads(lambda: response_loss(peft, batch, chunk_tokens=7))
+    assert abs(got_loss - want_loss) < 1e-5 * max(1.0, abs(want_loss))
+    assert want_grads.keys() == got_grads.keys() and any(g.abs().sum() > 0 for g in want_grads.values())
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

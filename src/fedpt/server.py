@@ -80,7 +80,7 @@ class ServerModels:
 
     @classmethod
     def load(cls, cfg: FedPTConfig, splits: Splits, large_trainable: bool) -> "ServerModels":
-        from fedpt.models.loading import check_logit_width, load_model, load_tokenizer
+        from fedpt.models.loading import load_model, load_tokenizer
 
         tokenizer = load_tokenizer(cfg.model.small)
         # Fresh copies, not the per-process cache: peft injects adapters into the base in place.

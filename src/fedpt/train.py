@@ -1,6 +1,8 @@
 """Step 2 of a FedPT round: one device's local LoRA SFT of the small LM (no Flower here).
 
-The loss is cross-entropy on response tokens only (prompt tokens are masked). A fresh AdamW
+The loss is cross-entropy on response tokens only (prompt tokens are masked), computed by
+``response_loss``: the LM head runs only on positions that have a label, a chunk at a time,
+so the (B, T, V) logits a 150k-token vocabulary makes are never materialised. A fresh AdamW
 is made every round: optimizer moments are not sent to the server, so they cannot be averaged,
 and keeping stale per-device moments across rounds of a changing global model is unsound.
 """
@@ -13,9 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 
 from fedpt.config import DataConfig, TrainConfig
-from fedpt.data.prompts import collate, encode_sft, format_prompt
+from fedpt.data.prompts import IGNORE_INDEX, collate, encode_sft, format_prompt
 from fedpt.data.records import Example
 from fedpt.errors import FedPTError
 
@@ -28,6 +31,35 @@ class TrainResult:
     num_examples: int
     tokens: int  # tokens processed (forward+backward), for FLOPs estimates
     seconds: float
+
+
+def response_loss(model: Any, batch: dict[str, torch.Tensor], chunk_tokens: int = 256) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled positions of ``batch`` (what HF's
+    ``model(**batch).loss`` computes), without the full (B, T, V) logits.
+
+    The decoder runs once; the LM head and the loss run on labelled positions only, in chunks of
+    ``chunk_tokens`` under activation checkpointing, so at most one chunk's fp32 logits exist at a
+    time (the backward pass recomputes them). Models whose head does more than a projection
+    (final logit soft-capping) fall back to the plain path.
+    """
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(causal_lm.config, "final_logit_softcapping", None):
+        return model(**batch).loss
+    targets = batch["labels"][:, 1:]  # logits at t predict token t+1
+    select = targets != IGNORE_INDEX  # (B, T-1)
+    hidden = causal_lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                     use_cache=False).last_hidden_state  # (B, T, H)
+    hidden, targets = hidden[:, :-1][select], targets[select]  # (N, H), (N,)
+    head = causal_lm.get_output_embeddings()
+
+    def chunk_loss(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(head(h).float(), t, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(targets), chunk_tokens):
+        part = slice(start, start + chunk_tokens)
+        total = total + torch.utils.checkpoint.checkpoint(chunk_loss, hidden[part], targets[part], use_reentrant=False)
+    return total / max(len(targets), 1)
 
 
 def local_tune(
@@ -55,7 +87,7 @@ def local_tune(
             order += epoch
         batch_rows, order = [rows[i] for i in order[: cfg.batch_size]], order[cfg.batch_size:]
         batch = collate(batch_rows, tokenizer.pad_token_id)
-        loss = model(**batch).loss  # HF shifts labels and skips IGNORE_INDEX
+        loss = response_loss(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()

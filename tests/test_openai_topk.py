@@ -7,6 +7,7 @@ plain Hugging Face calls (log-softmax, top-k), not the code path under test.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -214,3 +215,38 @@ def test_bad_paths_give_one_line(server, tiny_pair, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "API key file" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_server_steps_with_full_vocabulary_k_equal_the_local_ones(server, fedpt_home):
+    """In-process, no Flower: FedPT's proxy-tuning, evaluation and distillation with
+    ``large_backend = "openai"`` and k = the whole vocabulary equal those with the large LM in-process
+    (the API's log-probabilities differ from logits by a per-position constant that softmax cancels);
+    with k = 5 the distillation is still finite (the top-k KD loss over the teacher's support)."""
+    from fedpt.config import load_config
+    from fedpt.server import ServerModels, load_splits
+
+    overrides = ["data.eval_size=8", "data.kd_pool_size=8", "eval.max_new_tokens=8", "distill.max_new_tokens=8",
+                 "distill.steps=2", "run.systems=['fedpt']", "model.dtype=float32"]
+    openai = [f"model.large_url={server['url']}", f"model.large_api_key_file={server['key_file']}",
+              "model.large_backend=openai"]
+    configs = [load_config(preset="tiny", overrides=overrides),
+               load_config(preset="tiny", overrides=[*overrides, *openai, "model.large_topk=4096"]),
+               load_config(preset="tiny", overrides=[*overrides, *openai, "model.large_topk=5"])]
+    results = []
+    for cfg in configs:
+        server_models = ServerModels.load(cfg, load_splits(cfg), large_trainable=False)
+        assert (server_models.large is None) == (cfg.model.large_backend == "openai")
+        generator = torch.Generator().manual_seed(0)
+        adapter = {k: torch.randn(v.shape, generator=generator) * 0.05
+                   for k, v in server_models.initial["small"].items()}
+        server_models.load_adapter("small", adapter)
+        before = server_models.evaluate(server_models.proxy_tune())
+        distilled = server_models.distill(server_round=1)
+        results.append((before, distilled, server_models.adapter_state("small")))
+    (eval_a, kd_a, state_a), (eval_b, kd_b, state_b), (_, kd_k5, state_k5) = results
+    assert {k: (v.rouge_l, v.samples) for k, v in eval_a.items()} == {k: (v.rouge_l, v.samples) for k, v in eval_b.items()}
+    assert kd_b.loss == pytest.approx(kd_a.loss, rel=1e-4) and kd_b.kl_before == pytest.approx(kd_a.kl_before, rel=1e-4)
+    for key in state_a:
+        torch.testing.assert_close(state_b[key], state_a[key], atol=1e-5, rtol=1e-4)
+    assert math.isfinite(kd_k5.loss) and math.isfinite(kd_k5.kl_after) and kd_k5.loss != pytest.approx(kd_a.loss)
+    assert all(torch.isfinite(v).all() for v in state_k5.values())

@@ -185,7 +185,8 @@ class OpenAITopKSource:
         if k < 1:
             raise FedPTError(f"model.large_topk must be >= 1, got {k}")
         self.base_url = base_url.rstrip("/")
-        self.k, self.tokenizer, self.vocab_size, self.retries = k, tokenizer, vocab_size, retries
+        # More than the vocabulary is the whole distribution (and some servers fail on it).
+        self.k, self.tokenizer, self.vocab_size, self.retries = min(k, vocab_size), tokenizer, vocab_size, retries
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
         self.mapper = TokenMapper(tokenizer)

@@ -1,6 +1,7 @@
 """Bad input through the real entry point: one line on stderr, exit status 2, nothing overwritten."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -134,13 +135,13 @@ def test_a_misspelt_fault_injection_variable_is_refused(tmp_path, capsys, monkey
     assert "FEDPT_KILL_AT='distilation@2': expected <point>@<round>" in _error_line(capsys)
 
 
-def _port_check(tmp_path, port: str, path: str | None = None):
+def _port_check(tmp_path, port: str, path: str | None = None, root=None):
     """The flwr-run-local.sh script up to its port check (it exits 2 there on every case below)."""
     import os
     import subprocess
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = root or Path(__file__).resolve().parents[1]
     env = {**os.environ, "FEDPT_SUPERLINK_PORT": port, "FLWR_HOME": str(tmp_path)}
     if path is not None:
         env["PATH"] = path
@@ -167,7 +168,12 @@ def test_an_occupied_superlink_port_is_one_line(tmp_path):
     no_python = tmp_path / "bin"  # a PATH with the one tool the script needs before its check, no python
     no_python.mkdir()
     (no_python / "dirname").symlink_to(shutil.which("dirname"))
-    done = _port_check(tmp_path, str(port), path=str(no_python))
+    # A copy of the script in a project without .venv: the script puts the project's .venv/bin on
+    # PATH first, so in a checkout with a virtual environment python is always found.
+    project = tmp_path / "project"
+    (project / "scripts").mkdir(parents=True)
+    shutil.copy(Path(__file__).resolve().parents[1] / "scripts" / "flwr-run-local.sh", project / "scripts")
+    done = _port_check(tmp_path, str(port), path=str(no_python), root=project)
     assert done.returncode == 2
     assert done.stderr.strip() == "error: no python on PATH: activate fedpt's virtual environment first"
 

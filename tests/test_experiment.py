@@ -53,9 +53,11 @@ def test_experiment_writes_results_and_resumes(tmp_path, capsys):
         assert sweep["fedpt"][str(alpha)]["dolly-tiny"] == score, alpha
     for system in ("fedpt", "fedavg-small", "fedavg-large", "fedavg-pt"):
         assert f"| {system} |" in results
-    rounds_before = (out / "rounds.jsonl").read_text()
+    rounds_before = sorted((out / "rounds.jsonl").read_text().splitlines())
     assert main(args) == 0  # everything done: nothing is trained again
-    assert (out / "rounds.jsonl").read_text() == rounds_before
+    # Same records, to the digit (a resume rewrites the log grouped by training group, so the
+    # order of lines may change; their content may not).
+    assert sorted((out / "rounds.jsonl").read_text().splitlines()) == rounds_before
 
 
 def test_experiment_refuses_a_different_config(tmp_path, capsys):

@@ -46,8 +46,8 @@ def two_runs(large_service, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_remote_backend_run_equals_local_run_then_service_outage(large_service, two_runs, monkeypatch, capsys):
-    proc, url = large_service
+def test_remote_backend_run_equals_local_run_then_service_outage(large_service, two_runs, monkeypatch, capsys,
+                                                                fedpt_home, request):
     local, remote = two_runs
     a, b = rounds(local), rounds(remote)
     assert [r["round"] for r in b] == [0, 1, 2]
@@ -64,8 +64,13 @@ def test_remote_backend_run_equals_local_run_then_service_outage(large_service, 
 
     # The service goes away in the middle of round 3's evaluation (it was up for the preflight):
     # bounded retries, one error line, and round 2's checkpoint untouched.
+    # A service of its own that this test stops (the module's service stays up for the other tests);
+    # a resume may point at another URL.
+    proc, url = start_server(["--model", "tiny-large", "--dtype", "float32", "--threads", "0"], fedpt_home)
+    request.addfinalizer(lambda: stop_server(proc))
     config = load_config(path=remote / "config.toml")
     config.federation.rounds = 3  # resuming with more rounds continues the same run
+    config.model.large_url = url
     config.save(remote / "config.toml")
     import fedpt.federation.strategy as strategy
     from fedpt.models import remote as remote_module

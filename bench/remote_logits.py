@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--small", default="qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--large", default="qwen2.5-coder-1.5b-instruct")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--adapter", type=Path, default=Path("/work/runs/default/fedpt/adapter"))
+    parser.add_argument("--adapter", type=Path, default=Path("runs/default/fedpt/adapter"))
     parser.add_argument("--alpha", type=float, default=1.0)
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--repeats", type=int, default=3)

@@ -39,8 +39,10 @@ def _pretrained_scores(run_dir: Path) -> dict[str, float]:
 @pytest.mark.slow
 def test_all_systems_two_rounds(finished_run, capsys):
     rows = [json.loads(line) for line in (finished_run / "rounds.jsonl").read_text().splitlines()]
-    assert [(r["system"], r["round"]) for r in rows] == [
-        (s, i) for s in ("fedpt", "fedavg-small", "fedavg-large", "fedavg-pt") for i in (0, 1, 2)]
+    # Every system, every round, once (fedavg-small and fedavg-pt share device rounds, so their
+    # records interleave in the log).
+    assert sorted((r["system"], r["round"]) for r in rows) == sorted(
+        (s, i) for s in ("fedpt", "fedavg-small", "fedavg-large", "fedavg-pt") for i in (0, 1, 2))
     by = {(r["system"], r["round"]): r for r in rows}
     # Round 0 is the pretrained pair (identity adapters): the run scores each model once and
     # shares the result between systems, so check every system's round 0 against a fresh

@@ -67,11 +67,13 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float, poll: float = 1.0)
     """Wait until ``expected`` SuperNodes are connected; a different number is an error, not a hang.
 
     Without this, Flower's sampling waits forever for a node that was never started (e.g. the
-    local simulation's 2 SuperNodes against a config with 3 devices).
+    local simulation's 2 SuperNodes against a config with 3 devices). Too many nodes is waited
+    out too: a SuperNode that just stopped stays listed until its heartbeats lapse (about 60 s in
+    Flower 1.42), and sampling it would cost a round a device.
     """
     deadline = time.monotonic() + timeout
     nodes = list(grid.get_node_ids())
-    while len(nodes) < expected and time.monotonic() < deadline:
+    while len(nodes) != expected and time.monotonic() < deadline:
         time.sleep(poll)
         nodes = list(grid.get_node_ids())
     if len(nodes) != expected:

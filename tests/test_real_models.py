@@ -40,8 +40,8 @@ def test_fetch_verify_and_proxy_decode(real_home):
     check_same_vocabulary(SMALL, LARGE)  # raises on any difference
     tokenizer = load_tokenizer(SMALL)
     assert len(tokenizer) == len(load_tokenizer(LARGE)) >= 151_643
-    small = attach_lora(load_model(SMALL, "bfloat16"), LoraConfig(), seed=0)
-    large = LocalLogitSource(load_model(LARGE, "bfloat16"))
+    small = attach_lora(load_model(SMALL, "auto"), LoraConfig(), seed=0)
+    large = LocalLogitSource(load_model(LARGE, "auto"))
     prompt = "### Instruction:\nWhat is the capital of France?\n\n### Response:\n"
     cfg = Decoding(max_new_tokens=8)
     proxy = generate_ids(ProxyTunedLM(large, MixedAdapterDiff(small), alpha=1.0), tokenizer, [prompt], cfg, 1, 64)

@@ -124,8 +124,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free port)")
     serve.add_argument("--api-key-file", default="", help="file whose first line is the API key clients must send")
-    serve.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                       help="weights dtype (default: bfloat16; with --run the run's model.dtype)")
+    serve.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                       help="weights dtype (default: auto = bfloat16 where the CPU multiplies bf16 fast, else "
+                            "float32; with --run the run's model.dtype)")
     serve.add_argument("--name", help="model name in the API (default: the spec, or <run>/<system>)")
     serve.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     serve.add_argument("--max-batch", type=int, default=16, help="prompts per request / rows per logits session")

@@ -22,7 +22,7 @@ from fedpt.errors import FedPTError
 
 DEFAULT_PRESET = "qwen-cpu"  # the real pair; `tiny` is for tests and quick looks
 SYSTEMS = ("fedpt", "fedavg-small", "fedavg-large", "fedavg-pt")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "krum")
 LARGE_BACKENDS = ("local", "remote", "openai")
 
@@ -34,7 +34,9 @@ class ModelConfig:
 
     small: str = "tiny-small"
     large: str = "tiny-large"  # with a non-local backend: the served model's name (informational)
-    dtype: str = "bfloat16"  # bf16 is 2-2.5x faster than fp32 on AVX-512-BF16 CPUs
+    # "auto": bfloat16 where the CPU has fast bf16 matmuls (AVX-512/AMX; 2-2.5x faster than fp32
+    # there), float32 elsewhere (AVX2-only CPUs run bf16 GEMMs ~5x slower than fp32).
+    dtype: str = "auto"
     # Where the large LM's logits come from: "local" (weights loaded here), "remote" (full logits
     # from `fedpt serve`, black box) or "openai" (top-k log-probabilities from any OpenAI-compatible
     # completions endpoint). Non-local backends never load the large LM's weights.

@@ -24,6 +24,7 @@ from pathlib import Path
 from fedpt.config import SYSTEMS, FedPTConfig, load_config
 from fedpt.errors import FedPTError
 from fedpt.metrics import RoundLog, RoundRecord
+from fedpt.models.loading import resolve_dtype
 
 DEFAULT_ALPHAS = (0.5, 1.0, 1.5, 2.0)
 ROLES = {"small": "tuned small", "proxy": "proxy-tuned large", "large": "tuned large"}
@@ -254,7 +255,7 @@ def results_markdown(cfg: FedPTConfig, summary: dict, records: list[RoundRecord]
     boot = summary.get("bootstrap", {})
     lines = ["# FedPT experiment results", "",
              f"Command: `{command}`", "",
-             f"Models: small `{cfg.model.small}`, large `{cfg.model.large}` ({cfg.model.dtype}); "
+             f"Models: small `{cfg.model.small}`, large `{cfg.model.large}` ({resolve_dtype(cfg.model.dtype)}); "
              f"{cfg.federation.num_clients} devices, {cfg.federation.clients_per_round} per round, "
              f"{cfg.federation.rounds} rounds; data `{cfg.data.source}` ({cfg.data.partitioner}"
              f"{f', alpha={cfg.data.dirichlet_alpha}' if cfg.data.partitioner == 'dirichlet' else ''}); "

@@ -19,6 +19,7 @@ from pathlib import Path
 from fedpt.config import FedPTConfig
 from fedpt.errors import FedPTError
 from fedpt.metrics import PeakMemory, RoundRecord
+from fedpt.models.loading import resolve_dtype
 from fedpt.runlock import LOCK_NAME, run_lock
 from fedpt.systems import SYSTEM_SPECS
 
@@ -74,7 +75,7 @@ def check_memory(cfg: FedPTConfig) -> None:
     available = psutil.virtual_memory().available
     if need > available:
         gib = 2**30
-        raise FedPTError(f"the model weights alone need {need / gib:.1f} GiB in {cfg.model.dtype} (server: "
+        raise FedPTError(f"the model weights alone need {need / gib:.1f} GiB in {resolve_dtype(cfg.model.dtype)} (server: "
                          f"{(small + large) / gib:.1f}, {concurrent} device(s) at once: {concurrent * device / gib:.1f}) "
                          f"but {available / gib:.1f} GiB is available: use smaller models, model.dtype='bfloat16', "
                          "or fewer devices at once (a larger federation.client_cpus)")
@@ -234,6 +235,7 @@ def write_summary(out_dir: Path, cfg: FedPTConfig, records: list[RoundRecord], e
     summary = {
         "systems": systems,
         "rounds": cfg.federation.rounds,
+        "dtype": resolve_dtype(cfg.model.dtype),  # what "auto" became on this machine
         "eval_protocol": protocol_name(cfg.eval),
         "prompt_template": cfg.data.template,
         "eval_sets": eval_sizes,

@@ -27,7 +27,7 @@ def serve(model: str | None, run: Path | None, system: str | None, host: str, po
     api_key = read_api_key(api_key_file)
     if threads:
         torch.set_num_threads(threads)
-    served = load_run(run, system, dtype, name) if run else load_plain(model, dtype or "bfloat16", name)
+    served = load_run(run, system, dtype, name) if run else load_plain(model, dtype or "auto", name)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:

@@ -53,8 +53,9 @@ class ServedModel:
 
 
 def load_plain(spec: str, dtype: str, name: str | None = None) -> ServedModel:
-    from fedpt.models.loading import load_model, load_tokenizer
+    from fedpt.models.loading import load_model, load_tokenizer, resolve_dtype
 
+    dtype = resolve_dtype(dtype)  # the dtype on the wire too: a concrete one
     return ServedModel(name or spec, load_tokenizer(spec), load_model(spec, dtype), dtype)
 
 
@@ -63,7 +64,7 @@ def load_run(run_dir: Path, system: str | None, dtype: str | None, name: str | N
     from peft import PeftModel
 
     from fedpt.config import load_config
-    from fedpt.models.loading import check_logit_width, load_model, load_tokenizer
+    from fedpt.models.loading import check_logit_width, load_model, load_tokenizer, resolve_dtype
     from fedpt.systems import SYSTEM_SPECS
 
     config_path = run_dir / "config.toml"
@@ -81,7 +82,7 @@ def load_run(run_dir: Path, system: str | None, dtype: str | None, name: str | N
     adapter_dir = run_dir / system / "adapter"
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FedPTError(f"{adapter_dir} holds no adapter: the run did not finish system '{system}'")
-    dtype = dtype or cfg.model.dtype
+    dtype = resolve_dtype(dtype or cfg.model.dtype)
     large, small_base = load_model(cfg.model.large, dtype), load_model(cfg.model.small, dtype)
     check_logit_width(small_base, large, cfg.model.small, cfg.model.large)
     small = PeftModel.from_pretrained(small_base, adapter_dir).eval()

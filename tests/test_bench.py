@@ -1,0 +1,47 @@
+"""`fedpt bench` on the tiny pair: every ratio is there and finite, FLOPs are counted right, bad input is one line."""
+
+import json
+
+import pytest
+import torch
+
+from fedpt.bench import counted_flops
+from fedpt.cli import main
+
+
+def test_flops_are_counted_as_two_per_multiply_add():
+    x, w = torch.randn(5, 7), torch.randn(11, 7)
+    assert counted_flops(lambda: torch.nn.functional.linear(x, w)) == 2 * 5 * 7 * 11
+
+
+def test_bench_on_the_tiny_pair_writes_every_ratio(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "--preset", "tiny", "--dtypes", "float32", "--batches", "1,2", "--new-tokens", "3",
+                 "--repeats", "1", "--out", str(out)]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    [result] = report["results"]
+    assert result["dtype"] == "float32" and [row["batch"] for row in result["decoding"]] == [1, 2]
+    for row in result["decoding"]:
+        assert all(rate > 0 for rate in row["tok_s"].values())
+        assert 0 < row["P1_proxy_over_large"] < float("inf") and 0 < row["P2_proxy_over_three_model_loop"]
+        assert row["same_tokens_product_vs_loop"]  # fp32: one doubled batch decodes what three models do
+    # The large LM's prefill does at least 2 FLOPs per weight of its decoder layers per prompt token.
+    from fedpt.models.loading import load_model
+
+    large = load_model("tiny-large", "float32")
+    body = sum(p.numel() for name, p in large.get_decoder().layers.named_parameters() if name.endswith("weight")
+               and p.dim() == 2)
+    batch, length = result["prefill"]["shape"]
+    assert result["prefill"]["gflop"] * 1e9 >= 2 * body * batch * length
+    assert 0 < result["prefill"]["P3_over_bound"] and 0 < result["train_step"]["P3_over_bound"]
+    assert "P1" in out.with_suffix(".md").read_text() and "P1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, words", [(["--dtypes", "fp8"], "--dtypes"), (["--batches", "0"], "--batches"),
+                                         (["--batches", "a"], "--batches"), (["--new-tokens", "1"], "--new-tokens")])
+def test_bad_bench_arguments_are_one_line(tmp_path, capsys, args, words):
+    out = tmp_path / "bench"
+    assert main(["bench", "--preset", "tiny", *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and words in err and "\n" not in err
+    assert not out.with_suffix(".json").exists()

@@ -21,28 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import queue
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
-
-
-def start_service(spec: str, dtype: str, threads: int) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "fedpt.cli", "serve", "--model", spec, "--dtype", dtype,
-                             "--host", "127.0.0.1", "--port", "0", "--threads", str(threads)],
-                            stdout=subprocess.PIPE, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
-    first = lines.get(timeout=900)
-    if not first.startswith("serving "):
-        proc.kill()
-        raise SystemExit(f"fedpt serve failed to start: {first!r}")
-    return proc, first.split(" at ")[1].split()[0]
 
 
 def small_with_adapter(spec: str, dtype: str, adapter: Path | None):
@@ -68,7 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", default="qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--large", default="qwen2.5-coder-1.5b-instruct")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto")
     parser.add_argument("--adapter", type=Path, default=Path("runs/default/fedpt/adapter"))
     parser.add_argument("--alpha", type=float, default=1.0)
     parser.add_argument("--batches", default="1,8")
@@ -85,10 +68,12 @@ def main() -> None:
     from fedpt.models.logits import LocalLogitSource, MixedAdapterDiff
     from fedpt.models.remote import LogitsService, RemoteLogitSource
     from fedpt.proxy import DecodeSession, Decoding, ProxyTunedLM
+    from fedpt.serving.launch import launch
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    proc, url = start_service(args.large, args.dtype, args.threads)
+    served = launch(["--model", args.large, "--dtype", args.dtype, "--threads", str(args.threads)])
+    url = served.url
     try:
         tokenizer = load_tokenizer(args.small)
         small, adapter_name = small_with_adapter(args.small, args.dtype, args.adapter)
@@ -124,8 +109,7 @@ def main() -> None:
             print(f"batch {batch}: remote tokens {'==' if same else '!='} local tokens", file=sys.stderr)
         service.close()
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        served.stop(timeout=60)
 
     rows = []
     for batch in batches:

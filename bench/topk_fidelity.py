@@ -27,8 +27,6 @@ import argparse
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -97,29 +95,6 @@ def decode_set(source, tokenizer, examples, cfg) -> tuple[list[list[int]], float
     return ids, rouge, seconds
 
 
-def start_server(model_spec: str, dtype: str, k: int, log: Path) -> tuple[subprocess.Popen, str]:
-    """``fedpt serve`` for the plain large LM on a free loopback port (``--port 0``; the first stdout
-    line names it); returns once /v1/models answers."""
-    import httpx
-
-    process = subprocess.Popen([sys.executable, "-m", "fedpt.cli", "serve", "--model", model_spec, "--host",
-                                "127.0.0.1", "--port", "0", "--dtype", dtype, "--max-logprobs", str(max(k, 1))],
-                               stdout=subprocess.PIPE, stderr=log.open("w"), text=True, start_new_session=True)
-    first = process.stdout.readline()
-    if not first.startswith("serving "):
-        process.wait()
-        raise SystemExit(f"fedpt serve did not start ({first!r}); see {log}")
-    url = first.split(" at ", 1)[1].split()[0] + "/v1"
-    while True:
-        if process.poll() is not None:
-            raise SystemExit(f"fedpt serve exited with {process.returncode}; see {log}")
-        try:
-            httpx.get(url + "/models", timeout=30)
-            return process, url
-        except httpx.TransportError:
-            time.sleep(0.5)
-
-
 def speed(cfg, tokenizer, large, small, vocab_size: int, examples, ks: list[int], prompts: int, tokens: int,
           out: Path) -> dict:
     """Tokens/s at batch 1: the OpenAI top-k backend on our own server, per k, ÷ the local backend
@@ -128,10 +103,13 @@ def speed(cfg, tokenizer, large, small, vocab_size: int, examples, ks: list[int]
     from fedpt.models.logits import LocalLogitSource, MixedAdapterDiff
     from fedpt.models.openai_topk import OpenAITopKSource, TopKRestricted
     from fedpt.proxy import ProxyTunedLM
+    from fedpt.serving.launch import launch
 
     speed_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_new_tokens=tokens, batch_size=1))
     alpha = cfg.proxy.alpha
-    process, url = start_server(cfg.model.large, cfg.model.dtype, max(ks), out / "serve.log")
+    served = launch(["--model", cfg.model.large, "--dtype", cfg.model.dtype, "--max-logprobs", str(max(max(ks), 1))],
+                    log=out / "serve.log")
+    url = served.url + "/v1"
     local = {"seconds": 0.0, "tokens": 0}
     per_k = {k: {"seconds": 0.0, "tokens": 0, "same": 0} for k in ks}
     sources = {}
@@ -152,8 +130,7 @@ def speed(cfg, tokenizer, large, small, vocab_size: int, examples, ks: list[int]
                 per_k[k]["tokens"] += len(ids_api[0])
                 per_k[k]["same"] += ids_api == ids_off
     finally:
-        os.killpg(process.pid, 15)
-        process.wait(timeout=120)
+        served.stop(timeout=120)
     local_rate = local["tokens"] / local["seconds"]
     return {"prompts": prompts, "max_new_tokens": tokens, "local_tokens_per_s": local_rate,
             "per_k": {k: {"tokens_per_s": v["tokens"] / v["seconds"], "ratio": v["tokens"] / v["seconds"] / local_rate,

@@ -8,13 +8,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,50 +21,12 @@ from fedpt.models.logits import LocalLogitSource, MixedAdapterDiff
 from fedpt.models.lora import attach_lora
 from fedpt.models.openai_topk import OpenAITopKSource, TopKRestricted
 from fedpt.proxy import Decoding, ProxyTunedLM, decode, stop_token_ids
+from fedpt.serving.launch import launch
 
 from .conftest import FAST
 
 PROMPTS = ["### Instruction:\nName a fruit.\n\n### Response:\n", "Tell me about the sun and the moon, please."]
 API_KEY = "test-key-topk"
-
-
-def start_serve(model: str, log: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    """``fedpt serve --port 0`` (the OS picks a free port); returns the process and its /v1 URL once
-    it answers. The first stdout line names the bound address."""
-    import httpx
-
-    process = subprocess.Popen([sys.executable, "-m", "fedpt.cli", "serve", "--model", model, "--host", "127.0.0.1",
-                                "--port", "0", *extra], stdout=subprocess.PIPE, stderr=log.open("w"), text=True,
-                               start_new_session=True)
-    try:
-        first = process.stdout.readline()  # "serving <name> at http://127.0.0.1:<port> (...)"
-        if not first.startswith("serving "):
-            raise RuntimeError(f"fedpt serve did not start: {first!r} {log.read_text()[-2000:]}")
-        url = first.split(" at ", 1)[1].split()[0] + "/v1"
-        while True:  # bound but maybe not yet accepting: wait for the condition, not for a time
-            if process.poll() is not None:
-                raise RuntimeError(f"fedpt serve exited with {process.returncode}: {log.read_text()[-2000:]}")
-            try:
-                httpx.get(url + "/models", timeout=10)
-                return process, url
-            except httpx.TransportError:
-                time.sleep(0.1)
-    except BaseException:
-        stop_serve(process)
-        raise
-
-
-def stop_serve(process: subprocess.Popen) -> None:
-    """Stop exactly the server we started (its own process group), also when a test failed."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    if process.stdout:
-        process.stdout.close()
 
 
 @pytest.fixture(scope="module")
@@ -77,10 +35,9 @@ def server(fedpt_home, tmp_path_factory):
     folder = tmp_path_factory.mktemp("serve")
     key_file = folder / "key"
     key_file.write_text(API_KEY + "\n")
-    process, url = start_serve("tiny-large", folder / "serve.log", "--api-key-file", str(key_file), "--dtype",
-                               "float32", "--max-logprobs", "4096", "--threads", "1")
-    yield {"url": url, "key_file": str(key_file)}
-    stop_serve(process)
+    with launch(["--model", "tiny-large", "--api-key-file", str(key_file), "--dtype", "float32",
+                 "--max-logprobs", "4096", "--threads", "1"], log=folder / "serve.log") as served:
+        yield {"url": served.url + "/v1", "key_file": str(key_file)}
 
 
 def _source(server, tokenizer, k: int, **kwargs) -> OpenAITopKSource:

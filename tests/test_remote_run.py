@@ -16,7 +16,7 @@ from fedpt.config import load_config
 from fedpt.errors import FedPTError
 
 from .conftest import FAST as FAST_TINY
-from .test_serve import start_server, stop_server
+from .test_serve import start_server
 
 FAST = [*FAST_TINY, "--set", "run.systems=['fedpt']", "--set", "federation.rounds=2"]
 KEYS = ("train_loss", "kd_loss", "kd_kl_before", "kd_kl_after", "rougeL_small", "rougeL_proxy", "clients")
@@ -25,8 +25,9 @@ KEYS = ("train_loss", "kd_loss", "kd_kl_before", "kd_kl_after", "rougeL_small", 
 @pytest.fixture(scope="module")
 def large_service(fedpt_home, request):
     """tiny-large served in fp32 as the tiny preset loads it, with as many threads as the local run."""
-    proc, url = start_server(["--model", "tiny-large", "--dtype", "float32", "--threads", "0"], fedpt_home)
-    request.addfinalizer(lambda: stop_server(proc))
+    served = start_server(["--model", "tiny-large", "--dtype", "float32", "--threads", "0"], fedpt_home)
+    request.addfinalizer(served.stop)
+    proc, url = served.process, served.url
     return proc, url
 
 
@@ -66,8 +67,9 @@ def test_remote_backend_run_equals_local_run_then_service_outage(large_service, 
     # bounded retries, one error line, and round 2's checkpoint untouched.
     # A service of its own that this test stops (the module's service stays up for the other tests);
     # a resume may point at another URL.
-    proc, url = start_server(["--model", "tiny-large", "--dtype", "float32", "--threads", "0"], fedpt_home)
-    request.addfinalizer(lambda: stop_server(proc))
+    served = start_server(["--model", "tiny-large", "--dtype", "float32", "--threads", "0"], fedpt_home)
+    request.addfinalizer(served.stop)
+    proc, url = served.process, served.url
     config = load_config(path=remote / "config.toml")
     config.federation.rounds = 3  # resuming with more rounds continues the same run
     config.model.large_url = url
@@ -80,7 +82,7 @@ def test_remote_backend_run_equals_local_run_then_service_outage(large_service, 
 
     def outage_at_evaluation(point: str, server_round: int) -> None:
         if (point, server_round) == ("evaluation", 3):
-            stop_server(proc)  # between scoring the small LM and the proxy-tuned large LM
+            served.stop()  # between scoring the small LM and the proxy-tuned large LM
         real_kill_point(point, server_round)
 
     monkeypatch.setattr(strategy, "kill_point", outage_at_evaluation)
@@ -146,8 +148,9 @@ def test_serve_a_runs_proxy_tuned_lm(two_runs, fedpt_home, request):
     from .test_serve import PROMPT
 
     local, _ = two_runs
-    proc, url = start_server(["--run", str(local)], fedpt_home)
-    request.addfinalizer(lambda: stop_server(proc))
+    served = start_server(["--run", str(local)], fedpt_home)
+    request.addfinalizer(served.stop)
+    url = served.url
     import openai
 
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)

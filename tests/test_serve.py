@@ -5,9 +5,6 @@ directly through transformers (an independent code path: no fedpt decoding, no K
 from __future__ import annotations
 
 import os
-import queue
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -17,38 +14,16 @@ import torch
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
+from fedpt.serving.launch import ServeProcess, launch  # noqa: E402
+
 API_KEY = "test-key-123"
 START_TIMEOUT = 300  # seconds: importing torch+transformers on a busy 2-core box is slow
 
 
-def start_server(args: list[str], home: str) -> tuple[subprocess.Popen, str]:
-    """``fedpt serve ... --port 0``; returns the process and its base URL (read from its first line)."""
-    env = os.environ | {"FEDPT_HOME": home, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "fedpt.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-                             "--threads", "1", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
-    try:
-        first = lines.get(timeout=START_TIMEOUT)
-    except queue.Empty:
-        stop_server(proc)
-        raise RuntimeError("fedpt serve did not start in time")
-    if not first.startswith("serving "):
-        stop_server(proc)
-        raise RuntimeError(f"fedpt serve failed: {first} {proc.stderr.read()}")
-    return proc, first.split(" at ")[1].split()[0]
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    """Stop exactly this process (by PID), also when a test failed."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def start_server(args: list[str], home: str) -> ServeProcess:
+    """``fedpt serve ... --port 0`` on one thread with the tests' model cache; returns once it answers."""
+    return launch(["--threads", "1", *args], env=os.environ | {"FEDPT_HOME": home, "OMP_NUM_THREADS": "1"},
+                  timeout=START_TIMEOUT)
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +36,11 @@ def key_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(fedpt_home, key_file, request):
     """tiny-large in fp32, API key on, small limits so that 413s are cheap to provoke."""
-    proc, url = start_server(["--model", "tiny-large", "--dtype", "float32", "--api-key-file", str(key_file),
-                              "--max-prompt-tokens", "200", "--max-new-tokens", "64", "--max-batch", "4",
-                              "--max-body-bytes", "20000", "--max-logprobs", "20", "--max-sessions", "2"],
-                             fedpt_home)
-    request.addfinalizer(lambda: stop_server(proc))
-    return url
+    served = start_server(["--model", "tiny-large", "--dtype", "float32", "--api-key-file", str(key_file),
+                           "--max-prompt-tokens", "200", "--max-new-tokens", "64", "--max-batch", "4",
+                           "--max-body-bytes", "20000", "--max-logprobs", "20", "--max-sessions", "2"], fedpt_home)
+    request.addfinalizer(served.stop)
+    return served.url
 
 
 @pytest.fixture(scope="module")
@@ -322,9 +296,9 @@ def test_engine_interleaves_concurrent_requests(fedpt_home):
 
 @pytest.fixture(scope="module")
 def gang_server(fedpt_home, request):
-    proc, url = start_server(["--model", "tiny-large", "--dtype", "float32", "--gang", "2"], fedpt_home)
-    request.addfinalizer(lambda: stop_server(proc))
-    return url
+    served = start_server(["--model", "tiny-large", "--dtype", "float32", "--gang", "2"], fedpt_home)
+    request.addfinalizer(served.stop)
+    return served.url
 
 
 def test_concurrent_streams_progress_together(gang_server, client):

@@ -1,0 +1,104 @@
+"""Start ``fedpt serve`` as a child process, wait until it answers, and stop exactly it.
+
+Tests, benchmarks and scripts that need a real server on loopback share this one way in: the
+server binds ``--port 0`` (the OS picks a free port) and announces its address on its first
+stdout line; ``launch`` reads it, then waits for ``/v1/models`` to answer (bound is not yet
+accepting). The server runs in a process group of its own, so ``stop`` ends it and only it.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedpt.errors import FedPTError
+
+
+@dataclass
+class ServeProcess:
+    process: subprocess.Popen
+    url: str  # e.g. http://127.0.0.1:40123; the OpenAI API is under /v1
+    log: Path  # the server's stderr
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM to the server's own process group, SIGKILL if it has not exited after ``timeout``."""
+        stop_process_group(self.process, timeout)
+
+    def __enter__(self) -> "ServeProcess":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+def stop_process_group(process: subprocess.Popen, timeout: float = 30.0) -> None:
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        except ProcessLookupError:
+            process.wait()
+    if process.stdout:
+        process.stdout.close()
+
+
+def launch(args: list[str], env: dict[str, str] | None = None, log: Path | None = None,
+           timeout: float = 900.0) -> ServeProcess:
+    """``fedpt serve --host 127.0.0.1 --port 0 ARGS``; returns once it answers HTTP.
+
+    ``timeout`` covers loading the model (minutes for a real one on a busy 2-core machine).
+    Raises FedPTError (with the end of the server's log) if it exits or stays silent.
+    """
+    import httpx
+
+    if log is None:
+        handle, name = tempfile.mkstemp(prefix="fedpt-serve-", suffix=".log")
+        os.close(handle)
+        log = Path(name)
+    env = (os.environ if env is None else env) | {"PYTHONUNBUFFERED": "1"}
+    with log.open("w") as err:
+        process = subprocess.Popen([sys.executable, "-m", "fedpt.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+                                    *args], stdout=subprocess.PIPE, stderr=err, text=True, env=env,
+                                   start_new_session=True)
+    server = ServeProcess(process, "", log)
+    deadline = time.monotonic() + timeout
+    try:
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: lines.put(process.stdout.readline()), daemon=True).start()
+        try:
+            first = lines.get(timeout=timeout)  # "serving NAME at http://127.0.0.1:PORT (...)"
+        except queue.Empty:
+            raise FedPTError(f"fedpt serve printed nothing in {timeout:.0f} s; see {log}") from None
+        if not first.startswith("serving "):
+            process.wait(timeout=30)
+            raise FedPTError(f"fedpt serve did not start: {_tail(log)}")
+        server.url = first.split(" at ", 1)[1].split()[0]
+        while True:  # wait for the condition (an HTTP answer, 401 included), not for a time
+            if process.poll() is not None:
+                raise FedPTError(f"fedpt serve exited with {process.returncode}: {_tail(log)}")
+            try:
+                httpx.get(server.url + "/v1/models", timeout=30)
+                return server
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise FedPTError(f"fedpt serve at {server.url} did not answer in {timeout:.0f} s") from None
+                time.sleep(0.1)
+    except BaseException:
+        server.stop()
+        raise
+
+
+def _tail(log: Path, lines: int = 5) -> str:
+    text = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
+    return " | ".join(text[-lines:]) or "(no output)"

@@ -192,15 +192,18 @@ def run_bench(bench: BenchConfig, log: Callable[[str], None] = lambda s: print(s
     cfg = load_config(path=bench.config_file, preset=None if bench.config_file else bench.preset,
                       overrides=bench.overrides)
     dtypes = list(dict.fromkeys(resolve_dtype(d) for d in bench.dtypes))  # "auto" names one of the others
-    results = [bench_dtype(cfg, bench, dtype, log) for dtype in dtypes]
     report = {"command": "fedpt " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("fedpt") else " ".join(sys.argv),
               "date": time.strftime("%Y-%m-%d %H:%M"), "small": cfg.model.small, "large": cfg.model.large,
               "threads": torch.get_num_threads(), "auto_dtype": resolve_dtype("auto"),
               "bench": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(bench).items()},
-              "results": results}
+              "results": []}
     bench.out.parent.mkdir(parents=True, exist_ok=True)
-    bench.out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    bench.out.with_suffix(".md").write_text(markdown(report))
+    for dtype in dtypes:
+        report["results"].append(bench_dtype(cfg, bench, dtype, log))
+        # written after every dtype: a slow one (bf16 training on an AVX2-only CPU takes minutes
+        # per step) can be stopped without losing what was measured before it
+        bench.out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+        bench.out.with_suffix(".md").write_text(markdown(report))
     return report
 
 

@@ -1,4 +1,4 @@
-"""Does ``MKL_CBWR=AUTO,STRICT`` (set by the CLI for bit-identical resume) slow the server's distillation?
+"""Does ``MKL_CBWR=AUTO,STRICT`` (set on importing fedpt, for bit-identical resume) slow the server's distillation?
 
     python bench/mkl_cbwr.py [--preset qwen-cpu] [--repeats 2]
 
@@ -31,9 +31,8 @@ print(json.dumps({"seconds": time.perf_counter() - start}))
 
 
 def measure(preset: str, strict: bool) -> float:
-    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
-    if strict:
-        env["MKL_CBWR"] = "AUTO,STRICT"
+    # "" keeps MKL's default: importing fedpt sets AUTO,STRICT only where MKL_CBWR is absent
+    env = os.environ | {"MKL_CBWR": "AUTO,STRICT" if strict else ""}
     out = subprocess.run([sys.executable, "-c", CHILD, preset], env=env, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
 

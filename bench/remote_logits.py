@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import fedpt  # noqa: F401  (before torch: sets MKL_CBWR, which MKL reads when torch loads it)
 import torch
 
 

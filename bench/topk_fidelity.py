@@ -30,6 +30,7 @@ import os
 import time
 from pathlib import Path
 
+import fedpt  # noqa: F401  (before torch: sets MKL_CBWR, which MKL reads when torch loads it)
 import torch
 
 
@@ -181,7 +182,6 @@ def main() -> None:
     parser.add_argument("--teacher-forced", action="store_true",
                         help="only KL / mass / agreement on reference responses (one scoring pass, no decoding)")
     args = parser.parse_args()
-    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
     from peft import PeftModel
 

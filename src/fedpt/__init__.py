@@ -7,4 +7,12 @@ the black-box large LM with them, and distill the proxy-tuned large LM back into
 Importing ``fedpt`` is cheap: torch, transformers and Flower load only when used.
 """
 
+import os
+
+# MKL's fp32 results then do not depend on memory alignment (reruns and resumed runs reproduce
+# to the bit), and on AMD CPUs its small-row GEMMs run 2x faster (8 rows x 1536 -> 8960: 8.7 ms
+# against 18.2 ms unset on the AVX2-only EPYC). MKL reads it once, when torch loads it: import
+# fedpt before torch. The user's own setting wins.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
 __version__ = "0.1.0"

@@ -31,10 +31,7 @@ def _quiet_environment() -> None:
     """Library chatter off (progress bars, telemetry, fork warnings); the user's own settings win."""
     for key, value in (("FLWR_TELEMETRY_ENABLED", "0"), ("TOKENIZERS_PARALLELISM", "false"),
                        ("TRANSFORMERS_VERBOSITY", "error"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
-                       ("RAY_DEDUP_LOGS", "0"), ("PYTHONWARNINGS", "ignore"),
-                       # MKL results independent of memory alignment (fp32): reruns and resumed
-                       # runs then reproduce to the bit. Must be set before torch loads MKL.
-                       ("MKL_CBWR", "AUTO,STRICT")):
+                       ("RAY_DEDUP_LOGS", "0"), ("PYTHONWARNINGS", "ignore")):
         os.environ.setdefault(key, value)
     import warnings
 

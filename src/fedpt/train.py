@@ -73,6 +73,12 @@ def local_tune(
                    data_cfg.max_prompt_tokens, data_cfg.max_seq_len)
         for ex in examples
     ]
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if cfg.gradient_checkpointing:
+        # non-reentrant: no need for inputs that require grad (the frozen embeddings' output)
+        causal_lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif causal_lm.is_activation_checkpointing:
+        causal_lm.activation_checkpointing_disable()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = random.Random(seed)

@@ -32,20 +32,14 @@ import torch
 def small_with_adapter(spec: str, dtype: str, adapter: Path | None):
     from peft import PeftModel
 
+    from fedpt.bench import with_random_lora
     from fedpt.config import LoraConfig
     from fedpt.models.loading import load_model
-    from fedpt.models.lora import attach_lora
 
     base = load_model(spec, dtype)
     if adapter is not None and (adapter / "adapter_config.json").is_file():
         return PeftModel.from_pretrained(base, adapter).eval(), str(adapter)
-    model = attach_lora(base, LoraConfig(), seed=0)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:  # B = 0 would make the adapter the identity
-                param.copy_(torch.randn(param.shape, generator=generator).to(param.dtype) * 0.01)
-    return model.eval(), "random LoRA (B ~ N(0, 0.01^2), rank 8, q/k/v/o)"
+    return with_random_lora(base, LoraConfig()), "random LoRA (B ~ N(0, 0.01^2), rank 8, q/k/v/o)"
 
 
 def main() -> None:

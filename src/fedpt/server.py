@@ -14,9 +14,17 @@ from typing import Any
 
 from fedpt.config import FedPTConfig
 from fedpt.data.prompts import format_prompt
-from fedpt.data.records import (Example, Splits, check_disjoint, load_eval_set, load_examples, source_name,
-                                split_examples)
+from fedpt.data.records import (
+    Example,
+    Splits,
+    check_disjoint,
+    load_eval_set,
+    load_examples,
+    source_name,
+    split_examples,
+)
 from fedpt.distill import DistillResult, distill
+from fedpt.errors import FedPTError
 from fedpt.evaluate import EvalResult, evaluate_rouge
 from fedpt.models.logits import LocalLogitSource, LogitSource, MixedAdapterDiff
 from fedpt.models.lora import attach_lora, get_adapter_state, set_adapter_state
@@ -54,13 +62,29 @@ def large_logit_source(cfg: FedPTConfig, small_base: Any) -> tuple[Any, Callable
         large = load_model(model.large, model.dtype)
         check_logit_width(small_base, large, model.small, model.large)
         return large, lambda: LocalLogitSource(large, use_adapter=False)
+    if model.large_backend == "llamacpp":  # frozen weights run by llama.cpp from the GGUF file
+        from fedpt.models.llamacpp import LlamaCppModel, gguf_path
+
+        engine = LlamaCppModel(gguf_path(model.large))
+        width = small_base.get_output_embeddings().weight.shape[0]
+        if engine.n_vocab != width:
+            raise FedPTError(f"small model '{model.small}' outputs {width} logits but the GGUF of large model "
+                             f"'{model.large}' has {engine.n_vocab} tokens; proxy-tuning needs equal widths")
+        return None, engine.source
     if model.large_backend == "remote":
-        from fedpt.models.remote import LogitsService, RemoteLogitSource, check_remote_width, read_api_key
+        from fedpt.models.remote import (
+            LogitsService,
+            RemoteLogitSource,
+            check_remote_width,
+            read_api_key,
+        )
 
         service = LogitsService(model.large_url, read_api_key(model.large_api_key_file))
         check_remote_width(service, small_base, model.small)
         return None, lambda: RemoteLogitSource(service)
-    from fedpt.models.openai_topk import openai_logit_source  # top-k log-probabilities only
+    from fedpt.models.openai_topk import (
+        openai_logit_source,  # top-k log-probabilities only
+    )
 
     return None, openai_logit_source(cfg, small_base)
 
@@ -79,7 +103,7 @@ class ServerModels:
     large_source: Callable[[], LogitSource] | None = None  # a fresh black-box LogitSource per call
 
     @classmethod
-    def load(cls, cfg: FedPTConfig, splits: Splits, large_trainable: bool) -> "ServerModels":
+    def load(cls, cfg: FedPTConfig, splits: Splits, large_trainable: bool) -> ServerModels:
         from fedpt.models.loading import load_model, load_tokenizer
 
         tokenizer = load_tokenizer(cfg.model.small)

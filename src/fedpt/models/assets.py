@@ -65,6 +65,9 @@ ASSETS: dict[str, ModelAsset] = {
 }
 
 
+GGUF_NAME = "model.gguf"
+
+
 def asset_dir(name: str, home: Path) -> Path:
     return home / "models" / name
 
@@ -105,12 +108,36 @@ def fetch(name: str, home: Path, progress=print) -> Path:
             progress(f"{name}: converting GGUF to bf16 safetensors (once; about a minute)")
             converted = work / "converted"
             _convert(gguf, converted, sha256)
+            gguf.rename(converted / GGUF_NAME)  # kept: the llamacpp backend runs this very file
             converted.rename(target)
         except OSError as err:
             if err.errno == errno.ENOSPC:
                 raise FedPTError(f"disk full while preparing {name} in {target.parent}; free space and retry "
                                  "(nothing partial was kept)") from None
             raise
+    return target
+
+
+def ensure_gguf(name: str, home: Path, progress=print) -> Path:
+    """The verified GGUF file of a registered model (for llama.cpp), fetched on first use.
+
+    Caches converted before the GGUF was kept lack it: it is downloaded and assembled again
+    (checked against the same SHA-256) and added beside the converted weights.
+    """
+    directory = ensure_asset(name, home, progress)
+    target = directory / GGUF_NAME
+    if target.is_file():
+        return target
+    asset = ASSETS[name]
+    free = shutil.disk_usage(directory).free
+    if free < asset.size * 2:
+        raise FedPTError(f"not enough disk space in {directory} for {name}'s GGUF file: {free / 2**30:.1f} GiB free, "
+                         f"about {asset.size * 2 / 2**30:.1f} GiB needed; free some space or set FEDPT_HOME elsewhere")
+    with tempfile.TemporaryDirectory(prefix=f".{name}-gguf-", dir=directory.parent) as tmp:
+        progress(f"{name}: downloading its GGUF file for llama.cpp ({asset.size / 2**20:.0f} MiB)")
+        _download(asset, Path(tmp) / "wheels")
+        _assemble(asset, Path(tmp) / "wheels", Path(tmp) / GGUF_NAME)
+        (Path(tmp) / GGUF_NAME).rename(target)
     return target
 
 

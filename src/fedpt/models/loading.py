@@ -62,6 +62,15 @@ def resolve_spec(spec: str) -> ResolvedSpec:
     return ResolvedSpec(spec)  # a hub id
 
 
+def gguf_bytes(spec: str) -> int | None:
+    """Bytes of the GGUF file llama.cpp would map for ``spec``, when known without fetching."""
+    from fedpt.models.assets import ASSETS
+
+    if spec in ASSETS:
+        return ASSETS[spec].size
+    return Path(spec).expanduser().stat().st_size if spec.endswith(".gguf") and Path(spec).expanduser().is_file() else None
+
+
 def weights_bytes(spec: str, dtype: str) -> int | None:
     """Bytes of the model's weights in ``dtype``, from its safetensors headers (no weights read).
 

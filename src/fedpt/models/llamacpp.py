@@ -1,0 +1,333 @@
+"""The frozen large LM in llama.cpp: a ``LogitSource`` that runs the GGUF file itself.
+
+The large LM is frozen and FedPT only asks it for next-token logits, so nothing requires it to
+run in torch. llama.cpp runs the GGUF weights as they are stored (4-6-bit blocks), which makes
+batch-1 decoding bandwidth-bound on a quarter of the bytes torch reads after dequantizing. With
+``model.large_backend = "llamacpp"`` the server never loads the large LM into torch; the
+small LM (which devices tune and the server distils into) stays in torch.
+
+One llama.cpp context holds one KV cache stream per row (``seq_id`` = row). FedPT's batches are
+left-padded; llama.cpp gets each row's real tokens only, at positions 0..n-1, which is what
+``positions_from_mask`` gives the torch path, so the two compute the same function.
+
+Needs the ``llama-cpp-python`` bindings (``pip install 'fedpt[llamacpp]'``; PyPI ships them as
+source, compiled at install in about 15 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedpt.errors import FedPTError
+
+INSTALL_HINT = "install the bindings: pip install 'llama-cpp-python==0.3.36' (compiles llama.cpp, ~15 min)"
+
+
+def _bindings() -> Any:
+    try:
+        import llama_cpp
+    except ImportError:
+        raise FedPTError(f"model.large_backend = 'llamacpp' needs llama.cpp's Python bindings; {INSTALL_HINT}") from None
+    return llama_cpp
+
+
+_init_lock = threading.Lock()
+_initialised = False
+_quiet_callback: Any = None  # llama.cpp keeps the pointer: the callback must outlive every call
+
+
+def _init_backend(llama_cpp: Any) -> None:
+    """Once per process: load the CPU backend and silence llama.cpp's per-load chatter on stderr."""
+    global _initialised, _quiet_callback
+    with _init_lock:
+        if _initialised:
+            return
+        _quiet_callback = llama_cpp.llama_log_callback(lambda level, text, data: None)
+        llama_cpp.llama_log_set(_quiet_callback, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+        _initialised = True
+
+
+class LlamaCppModel:
+    """A GGUF model loaded once (weights memory-mapped); contexts are made per session."""
+
+    def __init__(self, gguf: Path, threads: int | None = None) -> None:
+        llama_cpp = _bindings()
+        _init_backend(llama_cpp)
+        self.lib, self.path = llama_cpp, Path(gguf)
+        self.threads = threads or torch.get_num_threads()
+        params = llama_cpp.llama_model_default_params()
+        self.model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self.model:
+            raise FedPTError(f"llama.cpp could not load {self.path}: not a GGUF model it supports "
+                             "(check the file, or use model.large_backend = 'local')")
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model)))
+        self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(self.model))
+
+    def source(self) -> LlamaCppLogitSource:
+        return LlamaCppLogitSource(self)
+
+    def close(self) -> None:
+        if getattr(self, "model", None):
+            self.lib.llama_model_free(self.model)
+            self.model = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # at interpreter exit the bindings may already be torn down
+            pass
+
+
+@dataclass
+class _Context:
+    handle: Any
+    rows: int  # KV streams (llama.cpp n_seq_max)
+    per_row: int  # tokens each stream can hold
+
+
+class LlamaCppLogitSource:
+    """``LogitSource`` over one llama.cpp context: ``prefill``/``step`` decode, ``score`` scores."""
+
+    CHUNK = 512  # tokens per llama_decode call (n_batch): bounds the compute buffer
+
+    def __init__(self, model: LlamaCppModel) -> None:
+        self.model, self.lib = model, model.lib
+        self._ctx: _Context | None = None
+        self._next_pos: list[int] = []
+
+    # -- contexts and batches --------------------------------------------------------------
+
+    def _context(self, rows: int, length: int) -> Any:
+        """A context with ``rows`` KV streams of at least ``length`` tokens, its memory cleared.
+
+        Reused while it fits; the per-row capacity is rounded up with room to decode, so a run
+        makes a handful of contexts, not one per batch.
+        """
+        ctx = self._ctx
+        if ctx is None or ctx.rows < rows or ctx.per_row < length:
+            self._free_context()
+            per_row = min(max(self.model.n_ctx_train, length), _round_up(length + 512, 256))
+            if per_row < length:
+                raise FedPTError(f"a sequence of {length} tokens exceeds {self.model.path.name}'s context "
+                                 f"({self.model.n_ctx_train}); shorten data.max_prompt_tokens or eval.max_new_tokens")
+            params = self.lib.llama_context_default_params()
+            params.n_ctx = per_row * rows
+            params.n_batch = params.n_ubatch = self.CHUNK
+            params.n_seq_max = rows
+            params.n_threads = params.n_threads_batch = self.model.threads
+            handle = self.lib.llama_init_from_model(self.model.model, params)
+            if not handle:
+                raise FedPTError(f"llama.cpp could not make a context of {rows} x {per_row} tokens "
+                                 "(out of memory?); lower eval.batch_size")
+            ctx = self._ctx = _Context(handle, rows, per_row)
+        self.lib.llama_memory_clear(self.lib.llama_get_memory(ctx.handle), True)
+        return ctx.handle
+
+    def _decode(self, handle: Any, tokens: list[tuple[int, int, int, bool]]) -> torch.Tensor:
+        """Run (token, position, row, want_logits) entries in chunks; fp32 logits of the wanted
+        entries, in order (n_wanted, V)."""
+        lib, vocab = self.lib, self.model.n_vocab
+        outputs = []
+        for start in range(0, len(tokens), self.CHUNK):
+            chunk = tokens[start: start + self.CHUNK]
+            batch = lib.llama_batch_init(len(chunk), 0, 1)
+            try:
+                for i, (token, pos, row, wanted) in enumerate(chunk):
+                    batch.token[i], batch.pos[i] = token, pos
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = row
+                    batch.logits[i] = wanted
+                batch.n_tokens = len(chunk)
+                status = lib.llama_decode(handle, batch)
+                if status != 0:
+                    raise FedPTError(f"llama.cpp failed to decode a batch (status {status}); "
+                                     "lower eval.batch_size or the sequence lengths")
+                wanted = sum(1 for entry in chunk if entry[3])
+                if wanted:
+                    pointer = lib.llama_get_logits(handle)
+                    logits = np.ctypeslib.as_array(pointer, shape=(wanted * vocab,))
+                    outputs.append(torch.from_numpy(logits.copy()).view(wanted, vocab))
+            finally:
+                lib.llama_batch_free(batch)
+        return torch.cat(outputs) if outputs else torch.empty(0, vocab)
+
+    def _free_context(self) -> None:
+        if self._ctx is not None:
+            self.lib.llama_free(self._ctx.handle)
+            self._ctx = None
+
+    # -- LogitSource -------------------------------------------------------------------------
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        rows = _real_tokens(input_ids, attention_mask)
+        handle = self._context(len(rows), max(len(r) for r in rows) + 1)
+        entries = [(tok, pos, row, pos == len(seq) - 1) for row, seq in enumerate(rows) for pos, tok in enumerate(seq)]
+        self._next_pos = [len(seq) for seq in rows]
+        return self._decode(handle, entries)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self._ctx is None or not self._next_pos:
+            raise RuntimeError("step() before prefill()")
+        if max(self._next_pos) >= self._ctx.per_row:
+            raise FedPTError(f"decoding went past the {self._ctx.per_row}-token context made at prefill; "
+                             "lower eval.max_new_tokens")
+        entries = [(int(tok), pos, row, True) for row, (tok, pos) in enumerate(zip(tokens.tolist(), self._next_pos))]
+        self._next_pos = [pos + 1 for pos in self._next_pos]
+        return self._decode(self._ctx.handle, entries)
+
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_last: int = 0) -> torch.Tensor:
+        """(B, K, V) logits at the last K positions (all T when ``keep_last`` is 0). Positions
+        that are left padding get zeros: no model output exists for them."""
+        rows = _real_tokens(input_ids, attention_mask)
+        keep = keep_last or input_ids.shape[1]
+        handle = self._context(len(rows), max(len(r) for r in rows))
+        firsts = [max(0, len(seq) - keep) for seq in rows]  # first real position inside the kept window
+        entries = [(tok, pos, row, pos >= first)
+                   for row, (seq, first) in enumerate(zip(rows, firsts)) for pos, tok in enumerate(seq)]
+        logits = self._decode(handle, entries)  # row by row, in order
+        out = torch.zeros(len(rows), keep, self.model.n_vocab)
+        offset = 0
+        for row, (seq, first) in enumerate(zip(rows, firsts)):
+            count = len(seq) - first
+            out[row, keep - count:] = logits[offset: offset + count]
+            offset += count
+        self._next_pos = []
+        return out
+
+    def close(self) -> None:
+        self._free_context()
+        self._next_pos = []
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # at interpreter exit the bindings may already be torn down
+            pass
+
+
+def _real_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:
+    rows = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask)]
+    if any(not row for row in rows):
+        raise FedPTError("a prompt in the batch has no tokens (all padding)")
+    return rows
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+# -- GGUF files ------------------------------------------------------------------------------
+
+
+def gguf_path(spec: str) -> Path:
+    """The GGUF file of a model spec, for llama.cpp.
+
+    A ``.gguf`` file is used as is; a registered real model uses the very GGUF file it was
+    converted from (kept in its cache); a built-in tiny model or a local Qwen2 directory is
+    exported once to an unquantized GGUF beside its weights.
+    """
+    from fedpt.models.assets import ASSETS, ensure_gguf
+    from fedpt.models.loading import fedpt_home, resolve_spec
+
+    if spec in ASSETS:
+        return ensure_gguf(spec, fedpt_home())
+    resolved = resolve_spec(spec)
+    if resolved.gguf_file:
+        return Path(resolved.path) / resolved.gguf_file
+    directory = Path(resolved.path)
+    if not directory.is_dir():
+        raise FedPTError(f"model.large_backend = 'llamacpp' needs a local model for '{spec}': a .gguf file, "
+                         "a registered model (fedpt models list) or a model directory")
+    target = directory / "model.gguf"
+    if not target.is_file():
+        export_gguf(directory, target)
+    return target
+
+
+def export_gguf(model_dir: Path, out: Path) -> Path:
+    """Write a Hugging Face Qwen2 model directory as an unquantized (f32) GGUF llama.cpp can run.
+
+    Only what llama.cpp's ``qwen2`` architecture reads: hyperparameters, the byte-level BPE
+    vocabulary and merges (token ids are what FedPT sends; llama.cpp never tokenizes here), and
+    the tensors under llama.cpp's names (``gguf``'s own name map). Written to a temporary file
+    and renamed, so a killed export leaves no half file.
+    """
+    import gguf
+    from safetensors.torch import load_file
+
+    config = json.loads((model_dir / "config.json").read_text())
+    if config.get("model_type") != "qwen2":
+        raise FedPTError(f"{model_dir} is a {config.get('model_type')!r} model; exporting to GGUF supports qwen2 "
+                         "only: give model.large a .gguf file instead")
+    layers = config["num_hidden_layers"]
+    writer = gguf.GGUFWriter(str(out) + ".tmp", "qwen2")
+    writer.add_name(model_dir.name)
+    writer.add_context_length(config.get("max_position_embeddings", 32768))
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config.get("num_key_value_heads", config["num_attention_heads"]))
+    rope = config.get("rope_parameters") or {}
+    writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    _add_vocabulary(writer, model_dir, config["vocab_size"])
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, layers)
+    tensors = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        tensors |= load_file(file)
+    if config.get("tie_word_embeddings") and "lm_head.weight" not in tensors:
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+    for name, tensor in tensors.items():
+        target = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if target is None:
+            raise FedPTError(f"{model_dir}: tensor {name} has no llama.cpp name; cannot export it to GGUF")
+        writer.add_tensor(target, tensor.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    Path(str(out) + ".tmp").rename(out)
+    return out
+
+
+def _add_vocabulary(writer: Any, model_dir: Path, vocab_size: int) -> None:
+    import gguf
+
+    spec = json.loads((model_dir / "tokenizer.json").read_text())
+    if spec["model"]["type"] != "BPE":
+        raise FedPTError(f"{model_dir}: a {spec['model']['type']} tokenizer; exporting to GGUF supports BPE only")
+    by_id = {idx: tok for tok, idx in spec["model"]["vocab"].items()}
+    special = {added["id"]: added["content"] for added in spec.get("added_tokens", [])}
+    by_id |= special
+    tokens, types = [], []
+    for idx in range(vocab_size):  # a head padded past the tokenizer gets unused placeholders
+        if idx in by_id:
+            tokens.append(by_id[idx])
+            types.append(gguf.TokenType.CONTROL if idx in special else gguf.TokenType.NORMAL)
+        else:
+            tokens.append(f"[PAD{idx}]")
+            types.append(gguf.TokenType.UNUSED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    config = json.loads((model_dir / "config.json").read_text())
+    for key, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
+                     ("pad_token_id", writer.add_pad_token_id)):
+        value = config.get(key)
+        if isinstance(value, int):
+            add(value)

@@ -1,0 +1,150 @@
+"""The frozen large LM run by llama.cpp (``model.large_backend = "llamacpp"``): the GGUF export of
+a model directory, llama.cpp's logits against the torch model's on left-padded batches, a FedPT run
+against the same run with the local large LM, and the bad paths."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedpt.cli import main
+from fedpt.config import load_config
+from fedpt.errors import FedPTError
+from fedpt.models.logits import LocalLogitSource
+
+from .conftest import FAST as FAST_TINY
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp bindings not installed (pip install 'fedpt[llamacpp]')")
+
+# llama.cpp runs f32 GGUF matmuls in its own kernels (other summation order, f16 KV cache):
+# the logits agree with torch's fp32 to a few thousandths on these models, not bit for bit.
+ATOL = 2e-2
+
+
+@pytest.fixture(scope="module")
+def tiny_large_gguf(fedpt_home) -> Path:
+    from fedpt.models.llamacpp import gguf_path
+
+    return gguf_path("tiny-large")
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_large_gguf):
+    from fedpt.models.llamacpp import LlamaCppModel
+
+    return LlamaCppModel(tiny_large_gguf, threads=1)
+
+
+def padded_batch(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    tokenizer.padding_side = "left"
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    return batch["input_ids"], batch["attention_mask"]
+
+
+TEXTS = ["The quick brown fox", "A much longer prompt about the weather and the sea, with more words in it", "Hi"]
+
+
+def test_exported_gguf_holds_the_same_model(tiny_pair, tiny_large_gguf):
+    """Independent reader: transformers' own GGUF loader gives back the same weights and logits."""
+    from fedpt.models.loading import load_gguf
+
+    tokenizer, _, large = tiny_pair
+    reloaded, _ = load_gguf(tiny_large_gguf, "float32")
+    ids, mask = padded_batch(tokenizer, TEXTS)
+    torch.testing.assert_close(LocalLogitSource(reloaded).score(ids, mask), LocalLogitSource(large).score(ids, mask))
+
+
+def test_llamacpp_logits_equal_torch_on_left_padded_batches(tiny_pair, engine):
+    tokenizer, _, large = tiny_pair
+    ids, mask = padded_batch(tokenizer, TEXTS)
+    reference, source = LocalLogitSource(large), engine.source()
+    assert engine.n_vocab == large.config.vocab_size
+    torch.testing.assert_close(source.prefill(ids, mask), reference.prefill(ids, mask), atol=ATOL, rtol=0)
+    for step in range(6):  # decoding extends every row's own KV stream at its own position
+        tokens = torch.tensor([5 + step, 100 + step, 1000 + step])
+        torch.testing.assert_close(source.step(tokens), reference.step(tokens), atol=ATOL, rtol=0)
+    # whole-sequence scoring: the kept window of each row; padding positions are zeros
+    full = LocalLogitSource(large).score(ids, mask, keep_last=5)
+    scored = source.score(ids, mask, keep_last=5)
+    real = mask[:, -5:].bool()
+    torch.testing.assert_close(scored[real], full[real], atol=ATOL, rtol=0)
+    assert (scored[~real] == 0).all() and (~real).any()
+    # and a new session after scoring starts from an empty cache
+    torch.testing.assert_close(source.prefill(ids[:1], mask[:1]), reference.prefill(ids[:1], mask[:1]),
+                               atol=ATOL, rtol=0)
+    source.close()
+    with pytest.raises(RuntimeError, match="before prefill"):
+        source.step(torch.tensor([1]))
+
+
+def test_a_batch_larger_than_one_llama_decode_call(tiny_pair, engine, monkeypatch):
+    """Prompts longer than a llama_decode chunk are fed in pieces; the logits do not change."""
+    from fedpt.models.llamacpp import LlamaCppLogitSource
+
+    tokenizer, _, large = tiny_pair
+    ids, mask = padded_batch(tokenizer, TEXTS)
+    whole = engine.source().prefill(ids, mask)
+    monkeypatch.setattr(LlamaCppLogitSource, "CHUNK", 7)
+    torch.testing.assert_close(engine.source().prefill(ids, mask), whole, atol=1e-4, rtol=0)
+
+
+def rounds(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_fedpt_run_with_llamacpp_large_matches_the_local_run(tmp_path):
+    """The same 2-round run with the large LM in torch and in llama.cpp: the small LM's path is
+    identical, and the proxy-tuned scores agree (greedy text can flip where logits nearly tie)."""
+    fast = [*FAST_TINY, "--set", "run.systems=['fedpt']", "--set", "federation.rounds=1"]
+    local, engine_run = tmp_path / "local", tmp_path / "llamacpp"
+    assert main(["run", "--preset", "tiny", "--no-progress", "--out", str(local), *fast]) == 0
+    assert main(["run", "--preset", "tiny", "--no-progress", "--out", str(engine_run), *fast,
+                 "--set", "model.large_backend=llamacpp"]) == 0
+    a, b = rounds(local), rounds(engine_run)
+    assert [r["round"] for r in b] == [0, 1]
+    for x, y in zip(a, b):
+        assert y["train_loss"] == pytest.approx(x["train_loss"], rel=1e-4)  # devices never see the large LM
+        assert y["rougeL_small"] == pytest.approx(x["rougeL_small"], abs=1e-6)
+        assert y["rougeL_proxy"] == pytest.approx(x["rougeL_proxy"], abs=5.0)
+    assert b[1]["kd_loss"] == pytest.approx(a[1]["kd_loss"], rel=0.05)
+
+
+def test_config_and_bad_paths(tmp_path, monkeypatch):
+    cfg = load_config(preset="tiny", overrides=["model.large_backend=llamacpp", "run.systems=['fedpt']"])
+    assert cfg.model.large_backend == "llamacpp" and cfg.model.large_url == ""  # no service needed
+    with pytest.raises(FedPTError, match="fedavg-large"):
+        load_config(preset="tiny", overrides=["model.large_backend=llamacpp"])  # it trains the large LM
+
+    from fedpt.models.llamacpp import LlamaCppModel, export_gguf
+
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(FedPTError, match="could not load"):
+        LlamaCppModel(broken)
+    other = tmp_path / "llama-dir"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(FedPTError, match="qwen2 only"):
+        export_gguf(other, other / "model.gguf")
+    assert not (other / "model.gguf").exists()
+
+
+def test_missing_bindings_is_one_clear_error(monkeypatch, tmp_path, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_llama(name, *args, **kwargs):
+        if name == "llama_cpp":
+            raise ImportError("No module named 'llama_cpp'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_llama)
+    code = main(["run", "--preset", "tiny", "--no-progress", "--out", str(tmp_path / "run"), *FAST_TINY,
+                 "--set", "run.systems=['fedpt']", "--set", "model.large_backend=llamacpp"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(errors) == 1 and "llama-cpp-python" in errors[0], errors

@@ -96,18 +96,28 @@ def rounds(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_fedpt_run_with_llamacpp_large_matches_the_local_run(tmp_path):
+def test_fedpt_run_with_llamacpp_large_matches_the_local_run(tmp_path, monkeypatch):
     """The same 2-round run with the large LM in torch and in llama.cpp: the small LM's path is
     identical, and the proxy-tuned scores agree (greedy text can flip where logits nearly tie)."""
+    from fedpt.models.llamacpp import LlamaCppLogitSource
+
+    decoded = []  # proof that the llama.cpp run's large LM really ran in llama.cpp
+    real_decode = LlamaCppLogitSource._decode
+    monkeypatch.setattr(LlamaCppLogitSource, "_decode",
+                        lambda self, *args: decoded.append(1) or real_decode(self, *args))
     fast = [*FAST_TINY, "--set", "run.systems=['fedpt']", "--set", "federation.rounds=1"]
     local, engine_run = tmp_path / "local", tmp_path / "llamacpp"
     assert main(["run", "--preset", "tiny", "--no-progress", "--out", str(local), *fast]) == 0
+    assert not decoded
     assert main(["run", "--preset", "tiny", "--no-progress", "--out", str(engine_run), *fast,
                  "--set", "model.large_backend=llamacpp"]) == 0
+    assert decoded, "the llamacpp run never called llama.cpp"
     a, b = rounds(local), rounds(engine_run)
     assert [r["round"] for r in b] == [0, 1]
     for x, y in zip(a, b):
-        assert y["train_loss"] == pytest.approx(x["train_loss"], rel=1e-4)  # devices never see the large LM
+        assert (y["train_loss"] is None) == (x["train_loss"] is None)  # None: round 0 trains nothing
+        if x["train_loss"] is not None:
+            assert y["train_loss"] == pytest.approx(x["train_loss"], rel=1e-4)  # devices never see the large LM
         assert y["rougeL_small"] == pytest.approx(x["rougeL_small"], abs=1e-6)
         assert y["rougeL_proxy"] == pytest.approx(x["rougeL_proxy"], abs=5.0)
     assert b[1]["kd_loss"] == pytest.approx(a[1]["kd_loss"], rel=0.05)
@@ -148,3 +158,24 @@ def test_missing_bindings_is_one_clear_error(monkeypatch, tmp_path, capsys):
                  "--set", "run.systems=['fedpt']", "--set", "model.large_backend=llamacpp"])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(errors) == 1 and "llama-cpp-python" in errors[0], errors
+
+
+def test_auto_backend_picks_llamacpp_only_where_it_can_run(monkeypatch, tmp_path):
+    import importlib.util
+
+    auto = ["model.large_backend=auto"]
+    assert load_config(preset="tiny", overrides=[*auto, "run.systems=['fedpt']"]).model.large_backend == "llamacpp"
+    # fedavg-large trains the large LM: torch for every system of the run
+    both = load_config(preset="tiny", overrides=[*auto, "run.systems=['fedpt','fedavg-large']"])
+    assert both.model.large_backend == "local"
+    # a plain model directory has no GGUF file to give llama.cpp
+    plain = load_config(preset="tiny", overrides=[*auto, "run.systems=['fedpt']", f"model.large={tmp_path}"])
+    assert plain.model.large_backend == "local"
+    # what the run saves is the resolved backend, so a resume keeps it
+    cfg = load_config(preset="tiny", overrides=[*auto, "run.systems=['fedpt']"])
+    cfg.save(tmp_path / "config.toml")
+    assert load_config(path=tmp_path / "config.toml").model.large_backend == "llamacpp"
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llama_cpp" else real_find_spec(name, *a))
+    assert load_config(preset="tiny", overrides=[*auto, "run.systems=['fedpt']"]).model.large_backend == "local"

@@ -49,3 +49,27 @@ def test_fetch_verify_and_proxy_decode(real_home):
     assert 1 <= len(proxy[0]) <= 8
     assert proxy == alone  # an identity adapter (LoRA B = 0) leaves the large model unchanged
     assert "Paris" in tokenizer.decode(proxy[0])
+
+    # The same large LM run by llama.cpp from the very GGUF file its weights were converted from
+    # (kept by fetch): the same next-token distribution up to llama.cpp's 8-bit activation
+    # rounding in quantized dot products, and the same answer.
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama.cpp bindings not installed (pip install 'fedpt[llamacpp]')")
+    import torch
+
+    from fedpt.data.prompts import encode_prompts_left
+    from fedpt.models.llamacpp import LlamaCppModel, gguf_path
+
+    gguf = gguf_path(LARGE)
+    assert gguf.parent == real_home / "models" / LARGE
+    engine = LlamaCppModel(gguf)
+    ids, mask = encode_prompts_left(tokenizer, [prompt], 64)
+    reference = torch.log_softmax(LocalLogitSource(large.model).prefill(ids, mask), -1)
+    engine_logp = torch.log_softmax(engine.source().prefill(ids, mask), -1)
+    kl = float((reference.exp() * (reference - engine_logp)).sum())
+    assert kl < 0.05, kl
+    assert engine_logp.argmax() == reference.argmax()
+    answer = generate_ids(engine.source(), tokenizer, [prompt], cfg, 1, 64)
+    assert "Paris" in tokenizer.decode(answer[0])

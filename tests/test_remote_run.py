@@ -15,10 +15,9 @@ from fedpt.cli import main
 from fedpt.config import load_config
 from fedpt.errors import FedPTError
 
-from .conftest import FAST as FAST_TINY
+from .conftest import FEDPT_2_ROUNDS as FAST
 from .test_serve import start_server
 
-FAST = [*FAST_TINY, "--set", "run.systems=['fedpt']", "--set", "federation.rounds=2"]
 KEYS = ("train_loss", "kd_loss", "kd_kl_before", "kd_kl_after", "rougeL_small", "rougeL_proxy", "clients")
 
 
@@ -36,11 +35,10 @@ def rounds(run_dir) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def two_runs(large_service, tmp_path_factory):
+def two_runs(large_service, local_fedpt_run, tmp_path_factory):
     """The same 2-round FedPT run with the local large LM and with the large LM behind the service."""
     proc, url = large_service
-    local, remote = tmp_path_factory.mktemp("local"), tmp_path_factory.mktemp("remote")
-    assert main(["run", "--preset", "tiny", "--no-progress", "--overwrite", "--out", str(local), *FAST]) == 0
+    local, remote = local_fedpt_run, tmp_path_factory.mktemp("remote")
     assert main(["run", "--preset", "tiny", "--no-progress", "--overwrite", "--out", str(remote), *FAST,
                  "--set", "model.large_backend=remote", "--set", f"model.large_url={url}"]) == 0
     return local, remote

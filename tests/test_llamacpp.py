@@ -98,18 +98,21 @@ def rounds(run_dir: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_fedpt_run_with_llamacpp_large_matches_the_local_run(local_fedpt_run, tmp_path, monkeypatch):
-    """The same 2-round run with the large LM in torch and in llama.cpp: the small LM's path is
-    identical, and the proxy-tuned scores agree (greedy text can flip where logits nearly tie)."""
-    from fedpt.models.llamacpp import LlamaCppLogitSource
+    """The same 2-round run with the proxy (large LM and the small LM's steering views) in torch
+    and in llama.cpp: the devices' training is the same, and the proxy-tuned scores agree (greedy
+    text can flip where logits nearly tie)."""
+    import fedpt.models.llamacpp as llamacpp
 
-    decoded = []  # proof that the llama.cpp run's large LM really ran in llama.cpp
-    real_decode = LlamaCppLogitSource._decode
-    monkeypatch.setattr(LlamaCppLogitSource, "_decode",
-                        lambda self, *args: decoded.append(1) or real_decode(self, *args))
+    decoded, adapters = [], []  # proof that the large LM and the small LM's views really ran in llama.cpp
+    real_decode, real_export = llamacpp.LlamaCppLogitSource._decode, llamacpp.export_lora_gguf
+    monkeypatch.setattr(llamacpp.LlamaCppLogitSource, "_decode",
+                        lambda self, *args: decoded.append(self.model.path.parent.name) or real_decode(self, *args))
+    monkeypatch.setattr(llamacpp, "export_lora_gguf", lambda *args: adapters.append(1) or real_export(*args))
     engine_run = tmp_path / "llamacpp"
     assert main(["run", "--preset", "tiny", "--no-progress", "--out", str(engine_run), *FEDPT_2_ROUNDS,
-                 "--set", "model.large_backend=llamacpp"]) == 0
-    assert decoded, "the llamacpp run never called llama.cpp"
+                 "--set", "model.large_backend=llamacpp", "--set", "model.small_proxy_backend=llamacpp"]) == 0
+    assert {name.split("-v")[0] for name in decoded} == {"tiny-large", "tiny-small"}, set(decoded)
+    assert adapters, "the round's adapter never reached llama.cpp"
     a, b = rounds(local_fedpt_run), rounds(engine_run)
     assert [r["round"] for r in b] == [0, 1, 2]
     for x, y in zip(a, b):
@@ -170,10 +173,36 @@ def test_auto_backend_picks_llamacpp_only_where_it_can_run(monkeypatch, tmp_path
     plain = load_config(preset="tiny", overrides=[*auto, "run.systems=['fedpt']", f"model.large={tmp_path}"])
     assert plain.model.large_backend == "local"
     # what the run saves is the resolved backend, so a resume keeps it
-    cfg = load_config(preset="tiny", overrides=[*auto, "run.systems=['fedpt']"])
+    cfg = load_config(preset="tiny", overrides=[*auto, "run.systems=['fedpt']", "model.small_proxy_backend=auto"])
+    assert cfg.model.small_proxy_backend == "llamacpp"
     cfg.save(tmp_path / "config.toml")
     assert load_config(path=tmp_path / "config.toml").model.large_backend == "llamacpp"
+    assert load_config(path=tmp_path / "config.toml").model.small_proxy_backend == "llamacpp"
+    assert load_config(preset="tiny", overrides=["model.small_proxy_backend=auto"]).model.small_proxy_backend == "torch"
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "llama_cpp" else real_find_spec(name, *a))
     assert load_config(preset="tiny", overrides=[*auto, "run.systems=['fedpt']"]).model.large_backend == "local"
+
+
+def test_small_lm_with_lora_adapter_in_llamacpp_equals_peft(tiny_pair, tiny_cfg, tmp_path):
+    """The round's adapter exported to GGUF and applied by llama.cpp: the same tuned-minus-base
+    logits as peft's (a nonzero adapter, so a wrong scale, sign or transposition shows)."""
+    from fedpt.bench import with_random_lora
+    from fedpt.models.llamacpp import LlamaCppAdapterDiff, LlamaCppModel, export_lora_gguf, gguf_path
+    from fedpt.models.loading import load_model
+    from fedpt.models.logits import MixedAdapterDiff
+
+    tokenizer = tiny_pair[0]
+    small = with_random_lora(load_model("tiny-small", "float32"), tiny_cfg.lora)
+    engine = LlamaCppModel(gguf_path("tiny-small"), threads=1)
+    diff = LlamaCppAdapterDiff(engine, engine.load_adapter(export_lora_gguf(small, tmp_path / "adapter.gguf")))
+    reference = MixedAdapterDiff(small)
+    ids, mask = padded_batch(tokenizer, TEXTS)
+    expected = reference.prefill(ids, mask)
+    assert expected.abs().max() > 0.05  # the adapter changes the logits noticeably
+    torch.testing.assert_close(diff.prefill(ids, mask), expected, atol=ATOL / 4, rtol=0)
+    tokens = torch.tensor([7, 70, 700])
+    torch.testing.assert_close(diff.step(tokens), reference.step(tokens), atol=ATOL / 4, rtol=0)
+    torch.testing.assert_close(diff.score(ids, mask, 3)[mask[:, -3:].bool()],
+                               reference.score(ids, mask, 3)[mask[:, -3:].bool()], atol=ATOL / 4, rtol=0)

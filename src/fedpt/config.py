@@ -25,6 +25,7 @@ SYSTEMS = ("fedpt", "fedavg-small", "fedavg-large", "fedavg-pt")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "krum")
 LARGE_BACKENDS = ("local", "llamacpp", "auto", "remote", "openai")
+SMALL_PROXY_BACKENDS = ("torch", "llamacpp", "auto")
 
 
 def auto_large_backend(large: str, systems: list[str]) -> str:
@@ -35,13 +36,17 @@ def auto_large_backend(large: str, systems: list[str]) -> str:
     """
     import importlib.util
 
+    if "fedavg-large" in systems or not _has_gguf(large) or importlib.util.find_spec("llama_cpp") is None:
+        return "local"
+    return "llamacpp"
+
+
+def _has_gguf(spec: str) -> bool:
+    """Registered and built-in tiny models have (or export) a GGUF file; a ``.gguf`` spec is one."""
     from fedpt.models.assets import ASSETS
     from fedpt.models.tiny import TINY_SHAPES
 
-    has_gguf = large in ASSETS or large in TINY_SHAPES or large.endswith(".gguf")
-    if "fedavg-large" in systems or not has_gguf or importlib.util.find_spec("llama_cpp") is None:
-        return "local"
-    return "llamacpp"
+    return spec in ASSETS or spec in TINY_SHAPES or spec.endswith(".gguf")
 
 
 @dataclass
@@ -67,10 +72,16 @@ class ModelConfig:
     # openai: the proxy is restricted to the large LM's top-k tokens (fedpt.models.openai_topk).
     large_model_name: str = ""  # openai: the request's `model`; "" = the one model the server lists
     large_topk: int = 20  # openai: log-probabilities per position (OpenAI allows 5, vLLM 20 unless --max-logprobs)
+    # Where the small LM's tuned and base views run when they steer the large LM (proxy
+    # evaluation, the distillation teacher): "torch" (one doubled peft batch) or "llamacpp" (its
+    # GGUF file, the round's adapter exported to GGUF). Devices and the student always train in
+    # torch. "auto": llamacpp when the large LM runs there too and the small LM has a GGUF file.
+    small_proxy_backend: str = "torch"
 
     def validate(self) -> None:
         _check_choice("model.dtype", self.dtype, DTYPES)
         _check_choice("model.large_backend", self.large_backend, LARGE_BACKENDS)
+        _check_choice("model.small_proxy_backend", self.small_proxy_backend, SMALL_PROXY_BACKENDS)
         _check_positive("model.large_topk", self.large_topk)
         if not self.small or not self.large:
             raise FedPTError("model.small and model.large must both name a model")
@@ -349,6 +360,9 @@ class FedPTConfig:
             getattr(self, section.name).validate()
         if self.model.large_backend == "auto":  # resolved once: a resumed run keeps what it started with
             self.model.large_backend = auto_large_backend(self.model.large, self.run.systems)
+        if self.model.small_proxy_backend == "auto":
+            llamacpp = self.model.large_backend == "llamacpp" and _has_gguf(self.model.small)
+            self.model.small_proxy_backend = "llamacpp" if llamacpp else "torch"
         if "fedavg-large" in self.run.systems and self.model.large_backend != "local":
             raise FedPTError("fedavg-large tunes the large LM's weights (white-box baseline): it needs "
                              f"model.large_backend = 'local', not '{self.model.large_backend}'")

@@ -101,6 +101,7 @@ class ServerModels:
     _round0: dict[str, dict[str, EvalResult]] = field(default_factory=dict)
 
     large_source: Callable[[], LogitSource] | None = None  # a fresh black-box LogitSource per call
+    small_engine: Any = None  # the small LM in llama.cpp (model.small_proxy_backend = "llamacpp")
 
     @classmethod
     def load(cls, cfg: FedPTConfig, splits: Splits, large_trainable: bool) -> ServerModels:
@@ -116,8 +117,13 @@ class ServerModels:
         initial = {"small": get_adapter_state(small)}
         if large_trainable:
             initial["large"] = get_adapter_state(large)
+        small_engine = None
+        if cfg.model.small_proxy_backend == "llamacpp":
+            from fedpt.models.llamacpp import LlamaCppModel, gguf_path
+
+            small_engine = LlamaCppModel(gguf_path(cfg.model.small))
         return cls(cfg, tokenizer, small, large, splits, load_eval_sets(cfg, splits), initial,
-                   large_source=large_source)
+                   large_source=large_source, small_engine=small_engine)
 
     # -- adapters ----------------------------------------------------------------------------
 
@@ -144,8 +150,20 @@ class ServerModels:
 
     def proxy_tune(self, alpha: float | None = None) -> ProxyTunedLM:
         """The proxy-tuned large LM for the small adapter currently loaded."""
-        return ProxyTunedLM(self.large_logits(), MixedAdapterDiff(self.small),
-                            self.cfg.proxy.alpha if alpha is None else alpha)
+        return ProxyTunedLM(self.large_logits(), self.small_diff(), self.cfg.proxy.alpha if alpha is None else alpha)
+
+    def small_diff(self) -> Any:
+        """``z_small_tuned - z_small_base`` for the loaded adapter, where ``model.small_proxy_backend`` says."""
+        if self.small_engine is None:
+            return MixedAdapterDiff(self.small)
+        import tempfile
+        from pathlib import Path
+
+        from fedpt.models.llamacpp import LlamaCppAdapterDiff, export_lora_gguf
+
+        with tempfile.TemporaryDirectory(prefix="fedpt-adapter-") as tmp:  # llama.cpp copies it at load
+            adapter = self.small_engine.load_adapter(export_lora_gguf(self.small, Path(tmp) / "adapter.gguf"))
+        return LlamaCppAdapterDiff(self.small_engine, adapter)
 
     # -- step 5: distillation ---------------------------------------------------------------
 

@@ -72,8 +72,11 @@ class LlamaCppModel:
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model)))
         self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(self.model))
 
-    def source(self) -> LlamaCppLogitSource:
-        return LlamaCppLogitSource(self)
+    def source(self, adapter: LlamaCppAdapter | None = None) -> LlamaCppLogitSource:
+        return LlamaCppLogitSource(self, adapter)
+
+    def load_adapter(self, path: Path) -> LlamaCppAdapter:
+        return LlamaCppAdapter(self, path)
 
     def close(self) -> None:
         if getattr(self, "model", None):
@@ -99,8 +102,8 @@ class LlamaCppLogitSource:
 
     CHUNK = 512  # tokens per llama_decode call (n_batch): bounds the compute buffer
 
-    def __init__(self, model: LlamaCppModel) -> None:
-        self.model, self.lib = model, model.lib
+    def __init__(self, model: LlamaCppModel, adapter: LlamaCppAdapter | None = None) -> None:
+        self.model, self.lib, self.adapter = model, model.lib, adapter
         self._ctx: _Context | None = None
         self._next_pos: list[int] = []
 
@@ -128,6 +131,11 @@ class LlamaCppLogitSource:
             if not handle:
                 raise FedPTError(f"llama.cpp could not make a context of {rows} x {per_row} tokens "
                                  "(out of memory?); lower eval.batch_size")
+            if self.adapter is not None:
+                adapters = (self.lib.llama_adapter_lora_p_ctypes * 1)(self.adapter.handle)
+                if self.lib.llama_set_adapters_lora(handle, adapters, 1, (ctypes.c_float * 1)(1.0)) != 0:
+                    self.lib.llama_free(handle)
+                    raise FedPTError(f"llama.cpp refused the LoRA adapter {self.adapter.path} for {self.model.path.name}")
             ctx = self._ctx = _Context(handle, rows, per_row)
         self.lib.llama_memory_clear(self.lib.llama_get_memory(ctx.handle), True)
         return ctx.handle
@@ -212,6 +220,85 @@ class LlamaCppLogitSource:
             self.close()
         except Exception:  # at interpreter exit the bindings may already be torn down
             pass
+
+
+class LlamaCppAdapter:
+    """A LoRA adapter (GGUF, ``export_lora_gguf``) loaded onto a llama.cpp model; contexts made
+    with it compute ``W x + (alpha / r) B A x`` for every adapted layer, as peft does."""
+
+    def __init__(self, model: LlamaCppModel, path: Path) -> None:
+        self.model, self.path = model, Path(path)
+        self.handle = model.lib.llama_adapter_lora_init(model.model, str(self.path).encode())
+        if not self.handle:
+            raise FedPTError(f"llama.cpp could not load the LoRA adapter {self.path} onto {model.path.name}")
+
+    def close(self) -> None:
+        if getattr(self, "handle", None) and self.model.model:
+            self.model.lib.llama_adapter_lora_free(self.handle)
+            self.handle = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # at interpreter exit the bindings may already be torn down
+            pass
+
+
+class LlamaCppAdapterDiff:
+    """``z_tuned - z_base`` of the small LM in llama.cpp: two contexts over one set of weights,
+    one with the round's LoRA adapter. The small LM's own weights are the GGUF's, as in torch."""
+
+    def __init__(self, model: LlamaCppModel, adapter: LlamaCppAdapter) -> None:
+        self.adapter = adapter  # the contexts use it: it must outlive them
+        self.tuned, self.base = model.source(adapter), model.source()
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.tuned.prefill(input_ids, attention_mask) - self.base.prefill(input_ids, attention_mask)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.tuned.step(tokens) - self.base.step(tokens)
+
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_last: int = 0) -> torch.Tensor:
+        return self.tuned.score(input_ids, attention_mask, keep_last) - self.base.score(input_ids, attention_mask,
+                                                                                          keep_last)
+
+    def close(self) -> None:
+        self.tuned.close()
+        self.base.close()
+
+
+def export_lora_gguf(peft_model: Any, out: Path) -> Path:
+    """The active LoRA adapter of a peft model over a Qwen2 base as a GGUF adapter llama.cpp loads.
+
+    Tensors ``blk.N.<layer>.weight.lora_a`` (r x in) and ``.lora_b`` (out x r), as llama.cpp's
+    own converter names them; ``adapter.lora.alpha`` carries peft's ``lora_alpha``, so llama.cpp's
+    scale alpha / r equals peft's. Plain LoRA only (no rsLoRA, DoRA or per-layer ranks).
+    """
+    import gguf
+    from peft import get_peft_model_state_dict
+
+    config = peft_model.peft_config[peft_model.active_adapter]
+    if getattr(config, "use_rslora", False) or getattr(config, "use_dora", False) or config.rank_pattern:
+        raise FedPTError("only plain LoRA adapters can run in llama.cpp (no rsLoRA, DoRA or rank_pattern)")
+    base_config = peft_model.get_base_model().config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, base_config.num_hidden_layers)
+    writer = gguf.GGUFWriter(str(out) + ".tmp", "qwen2")
+    writer.add_string("general.type", "adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", float(config.lora_alpha))
+    for key, tensor in get_peft_model_state_dict(peft_model).items():
+        module, part = key.rsplit(".lora_", 1)  # "...q_proj", "A.weight"
+        module = module.removeprefix("base_model.model.")
+        target = names.get_name(module)
+        if target is None:
+            raise FedPTError(f"LoRA on {module}: llama.cpp has no such tensor; adapt attention/MLP projections only")
+        writer.add_tensor(f"{target}.weight.lora_{part[0].lower()}", tensor.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    Path(str(out) + ".tmp").rename(out)
+    return out
 
 
 def _real_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:

@@ -35,6 +35,16 @@ def test_bench_on_the_tiny_pair_writes_every_ratio(tmp_path, capsys):
     assert result["prefill"]["gflop"] * 1e9 >= 2 * body * batch * length
     assert 0 < result["prefill"]["P3_over_bound"] and 0 < result["train_step"]["P3_over_bound"]
     assert "P1" in out.with_suffix(".md").read_text() and "P1" in capsys.readouterr().out
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is not None:  # CI installs it: the llama.cpp rows and P9
+        for row in result["decoding"]:
+            assert 0 < row["P1_all_llamacpp"] < float("inf") and 0 < row["llamacpp_large_over_torch_large"]
+            assert row["greedy_tokens_llamacpp_vs_torch_large"] == 1.0  # f32 GGUF of the same model
+        first = result["decoding"][0]
+        assert 0 < first["P9_product_llamacpp_over_bare_llamacpp"] < float("inf")
+        assert first["same_tokens_product_vs_bare_llamacpp"]  # the product's loop decodes what llama.cpp does
+        assert "P9" in out.with_suffix(".md").read_text()
 
 
 @pytest.mark.parametrize("args, words", [(["--dtypes", "fp8"], "--dtypes"), (["--batches", "0"], "--batches"),

@@ -172,9 +172,18 @@ def bench_dtype(cfg: Any, bench: BenchConfig, dtype: str, log: Callable[[str], N
     }
     engine = llamacpp_engine(cfg.model.large) if bench.llamacpp else None
     if engine is not None:
+        import tempfile
+
+        from fedpt.models.llamacpp import LlamaCppAdapterDiff, export_lora_gguf
+
+        small_engine = llamacpp_engine(cfg.model.small)
+        with tempfile.TemporaryDirectory() as tmp:  # the same random adapter, as GGUF
+            adapter = small_engine.load_adapter(export_lora_gguf(small, Path(tmp) / "adapter.gguf"))
         sources |= {
             "large alone (llamacpp)": engine.source,
             "proxy (llamacpp large)": lambda: ProxyTunedLM(engine.source(), MixedAdapterDiff(small), cfg.proxy.alpha),
+            "proxy (all llamacpp)": lambda: ProxyTunedLM(engine.source(), LlamaCppAdapterDiff(small_engine, adapter),
+                                                         cfg.proxy.alpha),
         }
     decoding = []
     for batch in bench.batches:
@@ -198,6 +207,8 @@ def bench_dtype(cfg: Any, bench: BenchConfig, dtype: str, log: Callable[[str], N
                "same_tokens_product_vs_loop": tokens["proxy (product)"] == tokens["proxy (three-model loop)"]}
         if engine is not None:
             row["P1_llamacpp_proxy_over_llamacpp_large"] = rate["proxy (llamacpp large)"] / rate["large alone (llamacpp)"]
+            row["P1_all_llamacpp"] = rate["proxy (all llamacpp)"] / rate["large alone (llamacpp)"]
+            row["all_llamacpp_proxy_over_torch_proxy"] = rate["proxy (all llamacpp)"] / rate["proxy (product)"]
             row["llamacpp_large_over_torch_large"] = rate["large alone (llamacpp)"] / rate["large alone"]
             row["llamacpp_proxy_over_torch_proxy"] = rate["proxy (llamacpp large)"] / rate["proxy (product)"]
             row["greedy_tokens_llamacpp_vs_torch_large"] = _agreement(tokens["large alone (llamacpp)"],
@@ -294,16 +305,19 @@ def markdown(report: dict[str, Any]) -> str:
                    if "large alone (llamacpp)" in row["tok_s"]]
     if engine_rows:
         lines += ["", "The large LM in llama.cpp (its GGUF file; the small LM stays in torch, in the dtype shown):", "",
-                  "| dtype | batch | large llama.cpp tok/s | proxy (llama.cpp large) tok/s | **P1** (llama.cpp large) | "
-                  "llama.cpp ÷ torch, large alone | llama.cpp ÷ torch, proxy | bare llama.cpp tok/s | **P9** |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| dtype | batch | large llama.cpp tok/s | proxy (llama.cpp large, torch small) tok/s | **P1** | "
+                  "proxy (all llama.cpp) tok/s | **P1** (all llama.cpp) | llama.cpp ÷ torch, large alone | "
+                  "llama.cpp ÷ torch, proxy (large / all) | bare llama.cpp tok/s | **P9** |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for dtype, row in engine_rows:
             rate = row["tok_s"]
             bare = rate.get("llama.cpp bare loop")
             p9 = row.get("P9_product_llamacpp_over_bare_llamacpp")
             lines.append(f"| {dtype} | {row['batch']} | {rate['large alone (llamacpp)']:.2f} | "
                          f"{rate['proxy (llamacpp large)']:.2f} | **{row['P1_llamacpp_proxy_over_llamacpp_large']:.3f}** | "
-                         f"{row['llamacpp_large_over_torch_large']:.2f} | {row['llamacpp_proxy_over_torch_proxy']:.2f} | "
+                         f"{rate['proxy (all llamacpp)']:.2f} | **{row['P1_all_llamacpp']:.3f}** | "
+                         f"{row['llamacpp_large_over_torch_large']:.2f} | {row['llamacpp_proxy_over_torch_proxy']:.2f} / "
+                         f"{row['all_llamacpp_proxy_over_torch_proxy']:.2f} | "
                          f"{'' if bare is None else f'{bare:.2f}'} | {'' if p9 is None else f'**{p9:.3f}**'} |")
     lines += ["", "| dtype | GEMM bound GFLOP/s | large prefill GFLOP/s | **P3** prefill ÷ bound | "
               "device LoRA step GFLOP/s | **P3** training ÷ bound |", "|---|---|---|---|---|---|"]

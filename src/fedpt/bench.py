@@ -213,6 +213,8 @@ def bench_dtype(cfg: Any, bench: BenchConfig, dtype: str, log: Callable[[str], N
             row["llamacpp_proxy_over_torch_proxy"] = rate["proxy (llamacpp large)"] / rate["proxy (product)"]
             row["greedy_tokens_llamacpp_vs_torch_large"] = _agreement(tokens["large alone (llamacpp)"],
                                                                       tokens["large alone"])
+            row["greedy_tokens_all_llamacpp_vs_torch_proxy"] = _agreement(tokens["proxy (all llamacpp)"],
+                                                                          tokens["proxy (product)"])
         if raw:
             row["P9_product_llamacpp_over_bare_llamacpp"] = rate["large alone (llamacpp)"] / rate["llama.cpp bare loop"]
             row["same_tokens_product_vs_bare_llamacpp"] = tokens["large alone (llamacpp)"] == tokens["llama.cpp bare loop"]

@@ -38,16 +38,61 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
+class PrefixCache:
+    """KV caches of recent single-sequence prompts, shared by the sources of one served model.
+
+    A client of a stateless completions API (the top-k backend asks ``max_tokens=1`` each step)
+    resends its whole, one-token-longer sequence every request; without this, every request
+    prefills it again. As vLLM's automatic prefix caching and llama.cpp's ``cache_prompt`` do, a
+    prompt that extends a cached one runs only its new tokens. Entries are copied in and out
+    (a session extends its cache in place) and an extension replaces the entry it extends, so
+    one client holds one entry; at most ``capacity`` entries, least recently used first out.
+    """
+
+    def __init__(self, capacity: int = 16) -> None:
+        from collections import OrderedDict
+
+        self.capacity = capacity
+        self.entries: OrderedDict[tuple[int, ...], tuple[Any, torch.Tensor]] = OrderedDict()
+        self.hits = self.reused_tokens = 0
+
+    def longest(self, ids: tuple[int, ...]) -> tuple[int, Any, torch.Tensor] | None:
+        """(length, cache copy, logits) of the longest cached prefix of ``ids``, or None."""
+        import copy
+
+        best = max((key for key in self.entries if len(key) <= len(ids) and ids[: len(key)] == key),
+                   key=len, default=None)
+        if best is None:
+            return None
+        self.entries.move_to_end(best)
+        cache, logits = self.entries[best]
+        self.hits += 1
+        self.reused_tokens += len(best)
+        return len(best), copy.deepcopy(cache), logits
+
+    def put(self, ids: tuple[int, ...], cache: Any, logits: torch.Tensor) -> None:
+        import copy
+
+        for key in [k for k in self.entries if len(k) < len(ids) and ids[: len(k)] == k]:
+            del self.entries[key]  # superseded by its extension
+        self.entries[ids] = (copy.deepcopy(cache), logits)
+        self.entries.move_to_end(ids)
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+
+
 class LocalLogitSource:
     """A local causal LM. For a PeftModel, ``use_adapter=False`` reads the frozen base model.
 
     Each instance keeps its own KV cache, so the tuned and base views of one PeftModel can
-    decode side by side.
+    decode side by side. With a ``prefix_cache`` (``fedpt serve``), single-sequence prefills
+    reuse the KV cache of the longest earlier prompt they extend.
     """
 
-    def __init__(self, model: Any, use_adapter: bool = True) -> None:
+    def __init__(self, model: Any, use_adapter: bool = True, prefix_cache: PrefixCache | None = None) -> None:
         self.model = model
         self.use_adapter = use_adapter
+        self.prefix_cache = prefix_cache
         self._cache: Any = None
         self._mask: torch.Tensor | None = None
         self._next_pos: torch.Tensor | None = None
@@ -60,6 +105,8 @@ class LocalLogitSource:
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra: Any) -> torch.Tensor:
         self.model.eval()
+        if self.prefix_cache is not None and len(input_ids) == 1 and bool(attention_mask.all()) and not extra:
+            return self._prefill_cached(input_ids[0])
         positions = positions_from_mask(attention_mask)
         with self._view():
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
@@ -68,6 +115,24 @@ class LocalLogitSource:
         self._mask = attention_mask
         self._next_pos = positions[:, -1] + 1
         return out.logits[:, -1].float()
+
+    def _prefill_cached(self, ids: torch.Tensor) -> torch.Tensor:
+        key = tuple(ids.tolist())
+        hit = self.prefix_cache.longest(key)
+        if hit is not None and hit[0] == len(key):  # the very same prompt again
+            _, cache, logits = hit
+        else:
+            start, cache = (hit[0], hit[1]) if hit is not None else (0, None)
+            with self._view():
+                out = self.model(input_ids=ids[None, start:], attention_mask=torch.ones(1, len(key), dtype=torch.long),
+                                 position_ids=torch.arange(start, len(key))[None], cache=cache, use_cache=True,
+                                 logits_to_keep=1)
+            cache, logits = out.cache, out.logits[:, -1].float()
+            self.prefix_cache.put(key, cache, logits)
+        self._cache = cache
+        self._mask = torch.ones(1, len(key), dtype=torch.long)
+        self._next_pos = torch.tensor([len(key)])
+        return logits.clone()
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, **extra: Any) -> torch.Tensor:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpt.errors import FedPTError
-from fedpt.models.logits import LocalLogitSource, LogitSource
+from fedpt.models.logits import LocalLogitSource, LogitSource, PrefixCache
 
 # A ChatML template for tokenizers that ship none (the tiny test models): Qwen's turn format.
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -26,6 +26,8 @@ class ServedModel:
     small: Any = None  # a run's tuned small LM (PeftModel); None for a plain model
     alpha: float | None = None  # a run's proxy.alpha; None for a plain model
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Plain models: clients that resend a growing sequence (the top-k backend) prefill only what is new.
+    prefix_cache: PrefixCache = field(default_factory=PrefixCache)
 
     def __post_init__(self) -> None:
         from fedpt.models.loading import vocabulary_hash
@@ -44,7 +46,7 @@ class ServedModel:
 
     def source(self, alpha: float | None = None) -> LogitSource:
         if not self.is_run:
-            return LocalLogitSource(self.model)
+            return LocalLogitSource(self.model, prefix_cache=self.prefix_cache)
         from fedpt.models.logits import MixedAdapterDiff
         from fedpt.proxy import ProxyTunedLM
 

@@ -179,6 +179,8 @@ def main() -> None:
     parser.add_argument("--speed-prompts", type=int, default=2)
     parser.add_argument("--speed-tokens", type=int, default=16)
     parser.add_argument("--out", type=Path, default=Path("runs/topk-fidelity"))
+    parser.add_argument("--speed-only", action="store_true",
+                        help="only the tokens/s part (writes topk_speed.json): e.g. after a server change")
     parser.add_argument("--teacher-forced", action="store_true",
                         help="only KL / mass / agreement on reference responses (one scoring pass, no decoding)")
     args = parser.parse_args()
@@ -206,6 +208,14 @@ def main() -> None:
     eval_sets = {name: examples[: args.prompts] for name, examples in load_eval_sets(cfg, load_splits(cfg)).items()}
     alpha = cfg.proxy.alpha
 
+    if args.speed_only:
+        result = {"run": str(args.run), "models": [cfg.model.small, cfg.model.large], "dtype": cfg.model.dtype,
+                  "speed": speed(cfg, tokenizer, large, small, vocab_size, next(iter(eval_sets.values())), ks,
+                                 args.speed_prompts, args.speed_tokens, args.out),
+                  "seconds": time.perf_counter() - started, "load_average_at_end": os.getloadavg()}
+        (args.out / "topk_speed.json").write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
+        return
     if args.teacher_forced:
         result = {"run": str(args.run), "models": [cfg.model.small, cfg.model.large], "dtype": cfg.model.dtype,
                   "alpha": alpha, "eval_sets": {n: len(e) for n, e in eval_sets.items()},

@@ -29,29 +29,15 @@ import fedpt  # noqa: F401  (before torch: sets MKL_CBWR, which MKL reads when t
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from topk_fidelity import decode_set  # noqa: E402  (the run's greedy protocol, Rouge-L as the run scores it)
+from topk_fidelity import decode_set, reference_batches  # noqa: E402  (the run's greedy protocol, Rouge-L as the run scores it)
 
 
 def teacher_forced(cfg, tokenizer, sources: dict, eval_sets: dict) -> dict:
-    from fedpt.data.prompts import IGNORE_INDEX, collate, encode_prompt, format_prompt
-
     kl_sum, agree, positions = 0.0, 0, 0
     for examples in eval_sets.values():
-        for start in range(0, len(examples), 4):  # 4 rows: the (rows, T, 151936) fp32 logits stay < 1 GB
-            rows, longest = [], 0
-            for ex in examples[start: start + 4]:
-                prompt = encode_prompt(tokenizer, format_prompt(ex, cfg.data.template, tokenizer),
-                                       cfg.data.max_prompt_tokens)
-                response = tokenizer(ex.response, add_special_tokens=False)["input_ids"][: cfg.eval.max_new_tokens]
-                rows.append((prompt + response, [IGNORE_INDEX] * len(prompt) + response))
-                longest = max(longest, len(response))
-            batch = collate(rows, tokenizer.pad_token_id, left=True)
-            labels = torch.full_like(batch["labels"], IGNORE_INDEX)
-            labels[:, :-1] = batch["labels"][:, 1:]  # position t predicts token t+1
-            keep = longest + 1
-            select = labels[:, -keep:] != IGNORE_INDEX
-            logp = {name: torch.log_softmax(make().score(batch["input_ids"], batch["attention_mask"], keep)[select], -1)
-                    for name, make in sources.items()}
+        # 4 rows: the (rows, T, 151936) fp32 logits stay under 1 GB
+        for ids, mask, keep, select in reference_batches(cfg, tokenizer, examples, 4):
+            logp = {name: torch.log_softmax(make().score(ids, mask, keep)[select], -1) for name, make in sources.items()}
             ref, eng = logp["torch"], logp["llama.cpp"]
             kl_sum += float((ref.exp() * (ref - eng)).sum())
             agree += int((ref.argmax(-1) == eng.argmax(-1)).sum())

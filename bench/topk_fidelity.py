@@ -141,30 +141,37 @@ def speed(cfg, tokenizer, large, small, vocab_size: int, examples, ks: list[int]
                       for k, v in per_k.items()}}
 
 
+def reference_batches(cfg, tokenizer, examples, rows: int):
+    """Left-padded batches of prompt + reference response (cut to ``eval.max_new_tokens``), with
+    ``keep`` (positions to score from the end) and ``select`` (which of those predict a response
+    token): the positions a teacher-forced comparison of two next-token distributions uses."""
+    from fedpt.data.prompts import IGNORE_INDEX, collate, encode_prompt, format_prompt
+
+    for start in range(0, len(examples), rows):
+        pairs, longest = [], 0
+        for ex in examples[start: start + rows]:
+            prompt = encode_prompt(tokenizer, format_prompt(ex, cfg.data.template, tokenizer), cfg.data.max_prompt_tokens)
+            response = tokenizer(ex.response, add_special_tokens=False)["input_ids"][: cfg.eval.max_new_tokens]
+            pairs.append((prompt + response, [IGNORE_INDEX] * len(prompt) + response))
+            longest = max(longest, len(response))
+        batch = collate(pairs, tokenizer.pad_token_id, left=True)
+        next_labels = torch.full_like(batch["labels"], IGNORE_INDEX)
+        next_labels[:, :-1] = batch["labels"][:, 1:]  # position t predicts token t+1
+        keep = longest + 1
+        yield batch["input_ids"], batch["attention_mask"], keep, next_labels[:, -keep:] != IGNORE_INDEX
+
+
 def teacher_forced(cfg, tokenizer, large, small, eval_sets, ks: list[int]) -> dict:
     """The cheap variant (``--teacher-forced``): one scoring pass over prompt + reference response
     (cut to ``eval.max_new_tokens``), no decoding: KL, mass outside S_k and greedy agreement at
     every response position. For machines too busy for the decoding runs."""
-    from fedpt.data.prompts import IGNORE_INDEX, collate, encode_prompt, format_prompt
     from fedpt.models.logits import LocalLogitSource, MixedAdapterDiff
 
     recorder = FullProxyRecorder(None, None, cfg.proxy.alpha, ks, [])
     for examples in eval_sets.values():
-        for start in range(0, len(examples), cfg.eval.batch_size):
-            rows, longest = [], 0
-            for ex in examples[start: start + cfg.eval.batch_size]:
-                prompt_ids = encode_prompt(tokenizer, format_prompt(ex, cfg.data.template, tokenizer),
-                                           cfg.data.max_prompt_tokens)
-                response = tokenizer(ex.response, add_special_tokens=False)["input_ids"][: cfg.eval.max_new_tokens]
-                rows.append((prompt_ids + response, [IGNORE_INDEX] * len(prompt_ids) + response))
-                longest = max(longest, len(response))
-            batch = collate(rows, tokenizer.pad_token_id, left=True)
-            next_labels = torch.full_like(batch["labels"], IGNORE_INDEX)
-            next_labels[:, :-1] = batch["labels"][:, 1:]
-            keep = longest + 1
-            select = next_labels[:, -keep:] != IGNORE_INDEX
-            z_large = LocalLogitSource(large).score(batch["input_ids"], batch["attention_mask"], keep)[select]
-            z_diff = MixedAdapterDiff(small).score(batch["input_ids"], batch["attention_mask"], keep)[select]
+        for ids, mask, keep, select in reference_batches(cfg, tokenizer, examples, cfg.eval.batch_size):
+            z_large = LocalLogitSource(large).score(ids, mask, keep)[select]
+            z_diff = MixedAdapterDiff(small).score(ids, mask, keep)[select]
             recorder._alive = torch.ones(len(z_large), dtype=torch.bool)
             recorder._record(z_large, z_diff)
     return {"positions": recorder.positions, "per_k": recorder.summary()}

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from fedpt.errors import FedPTError
+from fedpt.proxy import TwoSourceDiff
 
 INSTALL_HINT = "install the bindings: pip install 'llama-cpp-python==0.3.36' (compiles llama.cpp, ~15 min)"
 
@@ -56,7 +57,20 @@ def _init_backend(llama_cpp: Any) -> None:
         _initialised = True
 
 
-class LlamaCppModel:
+class _ClosedWhenCollected:
+    """Frees llama.cpp memory when the object goes away, if ``close()`` was not called."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # at interpreter exit the bindings may already be torn down
+            pass
+
+
+class LlamaCppModel(_ClosedWhenCollected):
     """A GGUF model loaded once (weights memory-mapped); contexts are made per session."""
 
     def __init__(self, gguf: Path, threads: int | None = None) -> None:
@@ -83,11 +97,6 @@ class LlamaCppModel:
             self.lib.llama_model_free(self.model)
             self.model = None
 
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # at interpreter exit the bindings may already be torn down
-            pass
 
 
 @dataclass
@@ -97,7 +106,7 @@ class _Context:
     per_row: int  # tokens each stream can hold
 
 
-class LlamaCppLogitSource:
+class LlamaCppLogitSource(_ClosedWhenCollected):
     """``LogitSource`` over one llama.cpp context: ``prefill``/``step`` decode, ``score`` scores."""
 
     CHUNK = 512  # tokens per llama_decode call (n_batch): bounds the compute buffer
@@ -215,14 +224,9 @@ class LlamaCppLogitSource:
         self._free_context()
         self._next_pos = []
 
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # at interpreter exit the bindings may already be torn down
-            pass
 
 
-class LlamaCppAdapter:
+class LlamaCppAdapter(_ClosedWhenCollected):
     """A LoRA adapter (GGUF, ``export_lora_gguf``) loaded onto a llama.cpp model; contexts made
     with it compute ``W x + (alpha / r) B A x`` for every adapted layer, as peft does."""
 
@@ -237,34 +241,15 @@ class LlamaCppAdapter:
             self.model.lib.llama_adapter_lora_free(self.handle)
             self.handle = None
 
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # at interpreter exit the bindings may already be torn down
-            pass
 
 
-class LlamaCppAdapterDiff:
+class LlamaCppAdapterDiff(TwoSourceDiff):
     """``z_tuned - z_base`` of the small LM in llama.cpp: two contexts over one set of weights,
     one with the round's LoRA adapter. The small LM's own weights are the GGUF's, as in torch."""
 
     def __init__(self, model: LlamaCppModel, adapter: LlamaCppAdapter) -> None:
-        self.adapter = adapter  # the contexts use it: it must outlive them
-        self.tuned, self.base = model.source(adapter), model.source()
-
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.tuned.prefill(input_ids, attention_mask) - self.base.prefill(input_ids, attention_mask)
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.tuned.step(tokens) - self.base.step(tokens)
-
-    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_last: int = 0) -> torch.Tensor:
-        return self.tuned.score(input_ids, attention_mask, keep_last) - self.base.score(input_ids, attention_mask,
-                                                                                          keep_last)
-
-    def close(self) -> None:
-        self.tuned.close()
-        self.base.close()
+        super().__init__(model.source(adapter), model.source())
+        self.adapter = adapter  # the tuned context uses it: it must outlive the contexts
 
 
 def export_lora_gguf(peft_model: Any, out: Path) -> Path:
@@ -293,6 +278,11 @@ def export_lora_gguf(peft_model: Any, out: Path) -> Path:
         if target is None:
             raise FedPTError(f"LoRA on {module}: llama.cpp has no such tensor; adapt attention/MLP projections only")
         writer.add_tensor(f"{target}.weight.lora_{part[0].lower()}", tensor.float().numpy())
+    return _finish(writer, out)
+
+
+def _finish(writer: Any, out: Path) -> Path:
+    """Write a GGUF built under ``out.tmp`` and rename it into place: a killed export leaves no half file."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -381,12 +371,7 @@ def export_gguf(model_dir: Path, out: Path) -> Path:
         if target is None:
             raise FedPTError(f"{model_dir}: tensor {name} has no llama.cpp name; cannot export it to GGUF")
         writer.add_tensor(target, tensor.float().numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    Path(str(out) + ".tmp").rename(out)
-    return out
+    return _finish(writer, out)
 
 
 def _add_vocabulary(writer: Any, model_dir: Path, vocab_size: int) -> None:

@@ -68,6 +68,17 @@ def test_an_interrupted_download_leaves_nothing_and_the_next_fetch_works(tmp_pat
     monkeypatch.setattr(assets, "_download", wheels)
     target = fetch(asset.name, tmp_path, progress=lambda m: None)
     assert is_ready(asset.name, tmp_path) and (target / "model.safetensors").read_bytes() == part * 2
+    assert (target / "model.gguf").read_bytes() == part * 2  # the verified GGUF is kept, for llama.cpp
+
+    # A cache converted before GGUF files were kept gets its GGUF once, checked, beside the weights.
+    (target / "model.gguf").unlink()
+    assert assets.ensure_gguf(asset.name, tmp_path, progress=lambda m: None).read_bytes() == part * 2
+    (target / "model.gguf").unlink()
+    monkeypatch.setattr(assets, "ASSETS", {asset.name: ModelAsset(asset.name, "test", asset.packages, size=8,
+                                                                   sha256="0" * 64, licence="none")})
+    with pytest.raises(FedPTError, match="do not use them"):
+        assets.ensure_gguf(asset.name, tmp_path, progress=lambda m: None)
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]  # nothing half-made
 
 
 def test_missing_package_is_one_line(tmp_path, monkeypatch):

@@ -127,10 +127,10 @@ class LlamaCppLogitSource(_ClosedWhenCollected):
         ctx = self._ctx
         if ctx is None or ctx.rows < rows or ctx.per_row < length:
             self._free_context()
-            per_row = min(max(self.model.n_ctx_train, length), _round_up(length + 512, 256))
-            if per_row < length:
+            if length > self.model.n_ctx_train:
                 raise FedPTError(f"a sequence of {length} tokens exceeds {self.model.path.name}'s context "
                                  f"({self.model.n_ctx_train}); shorten data.max_prompt_tokens or eval.max_new_tokens")
+            per_row = min(self.model.n_ctx_train, _round_up(length + 512, 256))  # room to decode
             params = self.lib.llama_context_default_params()
             params.n_ctx = per_row * rows
             params.n_batch = params.n_ubatch = self.CHUNK

@@ -85,7 +85,7 @@ def device_model(spec: str, dtype: str, rank: int, alpha: float, dropout: float,
     The adapter's initial values do not matter: every round overwrites them with the broadcast.
     """
     from fedpt.config import LoraConfig
-    from fedpt.models.loading import load_model, load_tokenizer
+    from fedpt.models.loading import load_model_for_training, load_tokenizer
 
     lora = LoraConfig(rank=rank, alpha=alpha, dropout=dropout, targets=list(targets))
-    return attach_lora(load_model(spec, dtype), lora, seed=0), load_tokenizer(spec)
+    return attach_lora(load_model_for_training(spec, dtype), lora, seed=0), load_tokenizer(spec)

@@ -1,0 +1,68 @@
+"""Devices keep bf16-stored frozen weights in bf16 and compute in fp32: the fp32 model's numbers, half the bytes."""
+
+import copy
+
+import pytest
+import torch
+
+from fedpt.models.loading import load_model, load_model_for_training, stored_dtype
+from fedpt.models.lora import attach_lora, get_adapter_state, set_adapter_state
+
+
+@pytest.fixture(scope="module")
+def bf16_checkpoint(tiny_pair, tmp_path_factory):
+    """The tiny small model rounded to bf16 and saved so, as the real models' cache stores them."""
+    tokenizer, small, _ = tiny_pair
+    path = tmp_path_factory.mktemp("bf16-model")
+    copy.deepcopy(small).to(torch.bfloat16).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def frozen_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+
+
+def test_bf16_stored_weights_give_the_fp32_models_logits_losses_and_adapter(bf16_checkpoint, tiny_cfg, tiny_pair):
+    from fedpt.data.records import load_examples
+    from fedpt.train import local_tune
+
+    assert stored_dtype(bf16_checkpoint) == "bfloat16"
+    reference = load_model(bf16_checkpoint, "float32")  # fp32 copies of the same bf16 values
+    lean = load_model_for_training(bf16_checkpoint, "float32")
+    assert {p.dtype for p in lean.parameters()} == {torch.bfloat16}
+    assert 2 * frozen_bytes(lean) == frozen_bytes(reference)
+
+    ids = torch.randint(0, 2000, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = reference(ids).logits, lean(ids).logits
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+    # Two LoRA steps with activation checkpointing, as a device runs them: the second step's
+    # loss depends on the first step's gradients, so equal losses and adapters mean equal grads.
+    tokenizer = tiny_pair[0]
+    examples = load_examples(tiny_cfg.data.source)[:8]
+    train = copy.deepcopy(tiny_cfg.train)
+    train.steps, train.batch_size, train.gradient_checkpointing = 2, 4, True
+    results, adapters, start = [], [], None
+    for model in (reference, lean):
+        peft_model = attach_lora(model, tiny_cfg.lora, seed=0)
+        # A device's adapter is the server's broadcast, never its own init (peft draws A in the
+        # base's dtype, so a bf16 base would start from bf16-rounded A matrices).
+        start = start or get_adapter_state(peft_model)
+        set_adapter_state(peft_model, start)
+        torch.manual_seed(7)  # LoRA dropout draws from the global generator
+        results.append(local_tune(peft_model, tokenizer, examples, tiny_cfg.data, train, seed=3))
+        adapters.append(get_adapter_state(peft_model))
+    assert results[0].loss == results[1].loss and results[0].last_loss == results[1].last_loss
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+    assert any(adapters[0][k].abs().sum() > 0 for k in adapters[0] if "lora_B" in k)  # it did train
+
+
+def test_fp32_checkpoints_and_bf16_compute_load_as_they_are(fedpt_home):
+    # tiny-small is stored in fp32: rounding it to bf16 would change the model, so it is not done.
+    assert stored_dtype("tiny-small") == "float32"
+    model = load_model_for_training("tiny-small", "float32")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert torch.equal(next(model.parameters()), next(load_model("tiny-small", "float32").parameters()))

@@ -162,3 +162,70 @@ def test_response_loss_matches_full_logits_loss_and_gradients(tiny_pair, tiny_cf
     assert want_grads.keys() == got_grads.keys() and any(g.abs().sum() > 0 for g in want_grads.values())
     for name, grad in want_grads.items():
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_teacher_logprobs_kept_from_decoding_equal_a_fresh_scoring(tiny_pair, tiny_cfg, sample):
+    """distill() keeps the teacher's distributions from its own decoding instead of scoring prompt +
+    response again: they must be what the teacher gives those positions when it scores them."""
+    import torch
+
+    from fedpt.distill import response_logprobs
+    from fedpt.proxy import Decoding, generate_ids
+
+    tokenizer, small, large = tiny_pair
+    student = with_trained_adapter(attach_lora(copy.deepcopy(small), tiny_cfg.lora, seed=0))
+    # + 8 on EOS: the tiny models rarely stop by themselves; this makes rows end at 0, 1, 2, ...
+    # 11 tokens and others run to the budget, in both decodings (checked), so every path is taken.
+    teacher = EosBiased(ProxyTunedLM(LocalLogitSource(large), MixedAdapterDiff(student), alpha=1.5),
+                        tokenizer.eos_token_id, 8.0)
+    prompts = [format_prompt(ex, "alpaca") for ex in _splits().kd_pool[:10]]
+    cfg = copy.deepcopy(tiny_cfg.distill)
+    cfg.max_new_tokens, cfg.batch_size, cfg.temperature = 12, 4, 2.0
+    kept = []
+    responses = generate_ids(teacher, tokenizer, prompts, Decoding(max_new_tokens=12, do_sample=sample, seed=5),
+                             cfg.batch_size, tiny_cfg.data.max_prompt_tokens,
+                             on_batch=lambda rows, steps: kept.extend(response_logprobs(rows, steps, 12, 2.0)))
+    lengths = [len(r) for r in responses]
+    assert min(lengths) < 11 and max(lengths) == 12  # rows that stopped early and rows cut at the budget
+    from_decoding = build_kd_batches(teacher, tokenizer, prompts, responses, cfg, tiny_cfg.data, teacher_logprobs=kept)
+    rescored = build_kd_batches(teacher, tokenizer, prompts, responses, cfg, tiny_cfg.data)
+    for a, b in zip(from_decoding, rescored, strict=True):
+        assert torch.equal(a.targets, b.targets) and a.teacher_logprobs.shape == b.teacher_logprobs.shape
+        assert torch.allclose(a.teacher_logprobs, b.teacher_logprobs, atol=1e-4)
+
+
+def with_trained_adapter(peft_model):
+    """A nonzero LoRA B: the proxy then differs from the large LM (B = 0 would hide a wrong diff)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    return peft_model
+
+
+class EosBiased:
+    """A LogitSource whose every distribution (decoding and scoring alike) favours EOS by ``bias``."""
+
+    def __init__(self, source, eos_id: int, bias: float) -> None:
+        self.source, self.eos_id, self.bias = source, eos_id, bias
+
+    def _biased(self, logits):
+        logits = logits.clone()
+        logits[..., self.eos_id] += self.bias
+        return logits
+
+    def prefill(self, *args):
+        return self._biased(self.source.prefill(*args))
+
+    def step(self, *args):
+        return self._biased(self.source.step(*args))
+
+    def score(self, *args, **kwargs):
+        return self._biased(self.source.score(*args, **kwargs))
+
+    def close(self):
+        self.source.close()

@@ -3,8 +3,10 @@
 On the server's prompt pool (instructions only, disjoint from device and evaluation data):
 
 1. the teacher (``ProxyTunedLM`` built from the averaged adapter) writes a response per prompt;
-2. its next-token distribution at temperature T over each response position is computed once
-   (the teacher is fixed during distillation: its "tuned" half is the pre-distillation adapter);
+2. its next-token distribution at temperature T over each response position is kept from that
+   very decoding (each token was picked from it), not computed again by re-reading prompt and
+   response (the teacher is fixed during distillation: its "tuned" half is the pre-distillation
+   adapter);
 3. the student's LoRA (the same averaged adapter) takes ``steps`` AdamW steps on
    ``(1 - ce_weight) * T^2 * KL(p_teacher || p_student) + ce_weight * CE(teacher tokens)``
    (forward KL as in torchtune's ``ForwardKLLoss``; T^2 keeps gradient scale independent of T).
@@ -48,11 +50,35 @@ class DistillResult:
     seconds: float
 
 
+def response_logprobs(responses: list[list[int]], step_logits: list[torch.Tensor], max_new_tokens: int,
+                      temperature: float) -> list[torch.Tensor]:
+    """Per response, log p_teacher at temperature T at the positions ``build_kd_batches`` selects:
+    one per response token, plus the stop token's when the response stopped before the budget.
+
+    ``step_logits`` are the decoding's steps for these rows (``decode``'s ``step_logits``): step j
+    holds the distribution the j-th token (or the stop token, at j = len) was picked from.
+    """
+    out = []
+    for row, response in enumerate(responses):
+        positions = len(response) + (len(response) < max_new_tokens)  # the stop token's too
+        logits = torch.stack([step[row] for step in step_logits[:positions]]).float()
+        out.append(_teacher_store(F.log_softmax(logits / temperature, dim=-1)))
+    return out
+
+
+def _teacher_store(logprobs: torch.Tensor) -> torch.Tensor:
+    return logprobs.to(torch.bfloat16 if logprobs.shape[-1] > 65536 else torch.float32)  # memory on real vocabularies
+
+
 def build_kd_batches(
     teacher: LogitSource, tokenizer: Any, prompts: list[str], responses: list[list[int]],
-    cfg: DistillConfig, data_cfg: DataConfig,
+    cfg: DistillConfig, data_cfg: DataConfig, teacher_logprobs: list[torch.Tensor] | None = None,
 ) -> list[KDBatch]:
-    """Score teacher sequences once and keep only what the loss needs (response positions)."""
+    """The student's batches with the teacher's log-probabilities at the response positions.
+
+    ``teacher_logprobs`` (per response, from ``response_logprobs``) are those the teacher decoded
+    with; without them the teacher scores prompt + response again (``teacher.score``).
+    """
     batches = []
     for start in range(0, len(prompts), cfg.batch_size):
         rows, longest = [], 0
@@ -70,11 +96,15 @@ def build_kd_batches(
         keep = min(longest + 1, next_labels.shape[1])
         select = next_labels[:, -keep:] != IGNORE_INDEX
         targets = next_labels[:, -keep:][select]
-        # clone(): score() runs in inference mode, and autograd may not save inference tensors.
-        logits = teacher.score(batch["input_ids"], batch["attention_mask"], keep_last=keep)[select].clone()  # (N, V)
-        logprobs = F.log_softmax(logits / cfg.temperature, dim=-1)
-        store = torch.bfloat16 if logprobs.shape[-1] > 65536 else torch.float32  # memory on real vocabularies
-        batches.append(KDBatch(batch["input_ids"], batch["attention_mask"], select, targets, logprobs.to(store)))
+        if teacher_logprobs is not None:
+            logprobs = torch.cat(teacher_logprobs[start: start + cfg.batch_size])  # row-major, as [select]
+            if len(logprobs) != len(targets):
+                raise RuntimeError(f"{len(logprobs)} teacher positions for {len(targets)} response tokens")
+        else:
+            # clone(): score() runs in inference mode, and autograd may not save inference tensors.
+            logits = teacher.score(batch["input_ids"], batch["attention_mask"], keep_last=keep)[select].clone()
+            logprobs = _teacher_store(F.log_softmax(logits / cfg.temperature, dim=-1))  # (N, V)
+        batches.append(KDBatch(batch["input_ids"], batch["attention_mask"], select, targets, logprobs))
     return batches
 
 
@@ -122,8 +152,11 @@ def distill(
     """
     start = time.perf_counter()
     decoding = Decoding(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.teacher_decoding == "sample", seed=seed)
-    responses = generate_ids(teacher, tokenizer, prompts, decoding, cfg.batch_size, data_cfg.max_prompt_tokens)
-    batches = build_kd_batches(teacher, tokenizer, prompts, responses, cfg, data_cfg)
+    kept: list[torch.Tensor] = []  # the teacher's log-probabilities, batch by batch as it decodes
+    responses = generate_ids(teacher, tokenizer, prompts, decoding, cfg.batch_size, data_cfg.max_prompt_tokens,
+                             on_batch=lambda rows, steps: kept.extend(
+                                 response_logprobs(rows, steps, cfg.max_new_tokens, cfg.temperature)))
+    batches = build_kd_batches(teacher, tokenizer, prompts, responses, cfg, data_cfg, teacher_logprobs=kept)
     kl_before = pool_kl(student, batches, cfg.temperature)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)

@@ -10,6 +10,7 @@ top-k / no-repeat-ngram), left padding, EOS stop, spelled out as in nanoGPT's ``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -178,13 +179,21 @@ def decode(
     eos_ids: list[int],
     pad_id: int,
     cfg: Decoding,
+    step_logits: list[torch.Tensor] | None = None,
 ) -> list[list[int]]:
-    """Generate up to ``max_new_tokens`` per row from left-padded prompts; returns new ids without EOS."""
+    """Generate up to ``max_new_tokens`` per row from left-padded prompts; returns new ids without EOS.
+
+    With ``step_logits``, each step's raw logits (B, V) are appended to it: step j's row b is the
+    distribution the j-th new token of row b (or its stop token) was picked from.
+    """
     session = DecodeSession(source, input_ids, attention_mask, eos_ids, pad_id, cfg)
     new_tokens: list[torch.Tensor] = []
     try:
         while not session.done:
-            new_tokens.append(session.advance()[0])
+            tokens, logits = session.advance()
+            new_tokens.append(tokens)
+            if step_logits is not None:
+                step_logits.append(logits)
     finally:
         session.close()
     out = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in range(len(input_ids))]
@@ -209,14 +218,24 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 
 def generate_ids(
-    source: LogitSource, tokenizer, prompts: list[str], cfg: Decoding, batch_size: int, max_prompt_tokens: int
+    source: LogitSource, tokenizer, prompts: list[str], cfg: Decoding, batch_size: int, max_prompt_tokens: int,
+    on_batch: Callable[[list[list[int]], list[torch.Tensor]], None] | None = None,
 ) -> list[list[int]]:
-    """Decode every prompt in batches of ``batch_size``; returns new token ids per prompt."""
+    """Decode every prompt in batches of ``batch_size``; returns new token ids per prompt.
+
+    ``on_batch(responses, step_logits)`` sees each batch's responses and its steps' raw logits
+    (``decode``'s ``step_logits``) as soon as the batch is done, so a caller can keep what it
+    needs of them without holding every batch's (steps, B, V) logits at once.
+    """
     from fedpt.data.prompts import encode_prompts_left
 
     out: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
         ids, mask = encode_prompts_left(tokenizer, prompts[start: start + batch_size], max_prompt_tokens)
         batch_cfg = replace(cfg, seed=cfg.seed + start)  # distinct random streams per batch
-        out += decode(source, ids, mask, stop_token_ids(tokenizer), tokenizer.pad_token_id, batch_cfg)
+        steps: list[torch.Tensor] | None = [] if on_batch is not None else None
+        responses = decode(source, ids, mask, stop_token_ids(tokenizer), tokenizer.pad_token_id, batch_cfg, steps)
+        if on_batch is not None:
+            on_batch(responses, steps)
+        out += responses
     return out

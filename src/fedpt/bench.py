@@ -16,6 +16,10 @@ of ``--repeats``), so a busy machine slows both sides alike:
 
 Run per dtype (``--dtypes auto,bfloat16,float32``): whether bf16 pays depends on the CPU (see
 ``fedpt.models.loading.fast_bf16_matmul``). Writes ``OUT.json`` and ``OUT.md``.
+
+``--parts`` adds the cost ratios of ``fedpt.bench_costs``: ``memory`` (P4 device memory and P5
+bytes, FedPT ÷ FedAvg-large), ``clients`` (P6 simulation memory, 100 clients ÷ 4) and ``job``
+(P7 wall time and P8 peak memory of the default job, tens of minutes on the real pair).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ import torch
 
 from fedpt.errors import FedPTError
 
+PARTS = ("decoding", "memory", "clients", "job")
+
 
 @dataclass
 class BenchConfig:
@@ -45,10 +51,17 @@ class BenchConfig:
     repeats: int = 3
     out: Path = Path("bench/results/bench")
     llamacpp: bool = True  # also measure the large LM in llama.cpp, when its bindings are installed
+    parts: list[str] = field(default_factory=lambda: ["decoding"])
+    runs: Path = Path("runs/bench")  # where the clients and job parts put their fedpt runs
 
     def validate(self) -> None:
         from fedpt.config import DTYPES
 
+        for part in self.parts:
+            if part not in PARTS:
+                raise FedPTError(f"--parts: '{part}' is not one of {', '.join(PARTS)}")
+        if not self.parts:
+            raise FedPTError(f"--parts: name at least one of {', '.join(PARTS)}")
         for dtype in self.dtypes:
             if dtype not in DTYPES:
                 raise FedPTError(f"--dtypes: '{dtype}' is not one of {', '.join(DTYPES)}")
@@ -282,20 +295,77 @@ def run_bench(bench: BenchConfig, log: Callable[[str], None] = lambda s: print(s
               "bench": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(bench).items()},
               "results": []}
     bench.out.parent.mkdir(parents=True, exist_ok=True)
-    for dtype in dtypes:
-        report["results"].append(bench_dtype(cfg, bench, dtype, log))
-        # written after every dtype: a slow one (bf16 training on an AVX2-only CPU takes minutes
-        # per step) can be stopped without losing what was measured before it
+
+    def save() -> None:
+        # after every part: a slow one (bf16 training on an AVX2-only CPU takes minutes per
+        # step; the default job tens of minutes) can be stopped without losing the others
         bench.out.with_suffix(".json").write_text(json.dumps(report, indent=1))
         bench.out.with_suffix(".md").write_text(markdown(report))
+
+    if "decoding" in bench.parts:
+        for dtype in dtypes:
+            report["results"].append(bench_dtype(cfg, bench, dtype, log))
+            save()
+    from fedpt import bench_costs
+
+    for part, measure in (("memory", lambda: bench_costs.memory_and_bytes(cfg, log)),
+                          ("clients", lambda: bench_costs.clients_memory(cfg, bench.runs, log)),
+                          ("job", lambda: bench_costs.default_job(cfg, bench.runs, log))):
+        if part in bench.parts:
+            report[part] = measure()
+            save()
     return report
 
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"`{report['command']}` ({report['date']}); small `{report['small']}`, large `{report['large']}`, "
              f"{report['threads']} torch threads; `auto` is {report['auto_dtype']} on this machine; best of "
-             f"{report['bench']['repeats']} interleaved repeats, {report['bench']['new_tokens']} new tokens per row.", "",
-             "| dtype | batch | large alone tok/s | proxy (product) tok/s | three-model loop tok/s | "
+             f"{report['bench']['repeats']} interleaved repeats, {report['bench']['new_tokens']} new tokens per row."]
+    if report["results"]:
+        lines += decoding_markdown(report)
+    lines += costs_markdown(report)
+    return "\n".join(lines) + "\n"
+
+
+def costs_markdown(report: dict[str, Any]) -> list[str]:
+    """P4-P8 (fedpt.bench_costs), where measured."""
+    lines = []
+    if "memory" in report:
+        mem = report["memory"]
+        lines += ["", "| system | device LM | training memory (peak − before load) | peak RSS | seconds | "
+                  "bytes per device per round |", "|---|---|---|---|---|---|"]
+        for system, d in mem["devices"].items():
+            lines.append(f"| {system} | `{d['model']}` ({d['dtype']}, frozen weights {d['frozen_weights']}, "
+                         f"{d['steps']} step(s), {d['tokens']} tokens) | "
+                         f"{d['training_memory'] / 2**30:.2f} GiB | {d['peak_rss'] / 2**30:.2f} GiB | "
+                         f"{d['seconds']:.1f} | {mem['bytes_per_device_per_round'][system] / 2**20:.2f} MiB |")
+        lines += ["", f"**P4** device memory, FedPT ÷ FedAvg-large: "
+                      f"**{mem['P4_device_memory_fedpt_over_fedavg_large']:.3f}** (target ≤ 0.40); "
+                      f"**P5** bytes per device per round: **{mem['P5_bytes_fedpt_over_fedavg_large']:.3f}**"]
+    if "clients" in report:
+        runs = report["clients"]["runs"]
+        lines += ["", "| simulated clients (4 sampled) | peak memory, all processes | largest device process | "
+                  "devices trained | seconds |", "|---|---|---|---|---|"]
+        for clients, r in runs.items():
+            lines.append(f"| {clients} | {r['peak_memory_bytes'] / 2**30:.2f} GiB | "
+                         f"{r['device_peak_memory_bytes'] / 2**30:.2f} GiB | {r['devices_trained']} | "
+                         f"{r['wall_seconds']:.0f} |")
+        lines += ["", f"**P6** simulation peak memory, 100 clients ÷ 4: "
+                      f"**{report['clients']['P6_peak_memory_many_over_few']:.3f}** (target ≤ 1.2)"]
+    if "job" in report:
+        job = report["job"]
+        lines += ["", f"Default job (`{job['out']}`"
+                      + (", a finished run read back" if job["reused_finished_run"] else "") + "): "
+                      f"**P7** wall time **{job['P7_wall_seconds'] / 60:.1f} min** (target ≤ 10); "
+                      f"**P8** peak memory **{job['P8_peak_memory_bytes'] / 2**30:.2f} GiB** all processes "
+                      f"(target ≤ 10), largest device process **{job['P8_device_process_peak_bytes'] / 2**30:.2f} GiB** "
+                      f"(target ≤ 3); devices trained per round {job['devices_trained_per_round']}."]
+    return lines
+
+
+def decoding_markdown(report: dict[str, Any]) -> list[str]:
+    """P1, P2, P3 and, with llama.cpp, P9."""
+    lines = ["", "| dtype | batch | large alone tok/s | proxy (product) tok/s | three-model loop tok/s | "
              "**P1** proxy ÷ large | **P2** proxy ÷ loop |", "|---|---|---|---|---|---|---|"]
     for res in report["results"]:
         for row in res["decoding"]:
@@ -327,4 +397,4 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {res['dtype']} | {res['gemm_bound_gflop_s']:.1f} | {res['prefill']['gflop_s']:.1f} | "
                      f"**{res['prefill']['P3_over_bound']:.2f}** | {res['train_step']['gflop_s']:.1f} | "
                      f"**{res['train_step']['P3_over_bound']:.2f}** |")
-    return "\n".join(lines) + "\n"
+    return lines

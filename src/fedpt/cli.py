@@ -93,9 +93,10 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--verbose", action="store_true")
     exp.add_argument("--no-progress", action="store_true")
 
-    bench = sub.add_parser("bench", help="speed ratios measured side by side on this machine: proxy decoding vs "
-                                         "the large LM alone (P1), vs a three-model loop (P2), prefill and training "
-                                         "FLOP/s vs the GEMM bound (P3), per dtype")
+    bench = sub.add_parser("bench", help="issue 10's ratios measured side by side on this machine: proxy decoding "
+                                         "vs the large LM alone (P1), vs a three-model loop (P2), prefill and "
+                                         "training FLOP/s vs the GEMM bound (P3), llama.cpp (P9); with --parts, "
+                                         "device memory (P4), bytes (P5), simulation memory (P6), the job (P7, P8)")
     bench_source = bench.add_mutually_exclusive_group()
     bench_source.add_argument("--config", type=Path, help="TOML config file (its models, data, LoRA, alpha)")
     bench_source.add_argument("--preset", default=DEFAULT_PRESET, help=f"built-in config (default: {DEFAULT_PRESET})")
@@ -107,6 +108,12 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompt-tokens", type=int, default=64, help="prompts keep their last N tokens")
     bench.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the best counts")
     bench.add_argument("--out", type=Path, default=Path("bench/results/bench"), help="writes OUT.json and OUT.md")
+    bench.add_argument("--parts", default="decoding",
+                       help="comma-separated: decoding (P1-P3, P9), memory (P4, P5), clients (P6), "
+                            "job (P7, P8: runs the whole job once) (default: decoding)")
+    bench.add_argument("--runs", type=Path, default=Path("runs/bench"),
+                       help="where the clients and job parts write their runs; a finished one is read back, not "
+                            "rerun (default: runs/bench)")
     bench.add_argument("--no-llamacpp", dest="llamacpp", action="store_false",
                        help="skip the large LM in llama.cpp (measured when its bindings are installed)")
 
@@ -246,7 +253,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     bench = BenchConfig(preset=args.preset, config_file=args.config, overrides=args.overrides,
                         dtypes=[d.strip() for d in args.dtypes.split(",") if d.strip()], batches=batches,
                         new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens, repeats=args.repeats,
-                        out=args.out, llamacpp=args.llamacpp)
+                        out=args.out, llamacpp=args.llamacpp,
+                        parts=[p.strip() for p in args.parts.split(",") if p.strip()], runs=args.runs)
     print(markdown(run_bench(bench)), end="")
     print(f"written: {args.out.with_suffix('.json')}, {args.out.with_suffix('.md')}")
     return 0

@@ -50,7 +50,7 @@ def test_memory_and_bytes_parts(tmp_path, fedpt_home):
     assert "**P4**" in out.with_suffix(".md").read_text() and "**P5**" in out.with_suffix(".md").read_text()
 
 
-def test_clients_and_job_parts_run_fedpt_and_read_a_finished_job_back(tmp_path, fedpt_home):
+def test_clients_and_job_parts_run_fedpt_and_read_a_finished_job_back(tmp_path, fedpt_home, capsys):
     out, runs = tmp_path / "bench", tmp_path / "runs"
     args = ["bench", "--preset", "tiny", "--parts", "clients,job", "--out", str(out), "--runs", str(runs), *SMALL_JOB]
     assert main(args) == 0
@@ -79,6 +79,12 @@ def test_clients_and_job_parts_run_fedpt_and_read_a_finished_job_back(tmp_path, 
     assert main(["bench", "--preset", "tiny", "--parts", "job", "--out", str(out), "--runs", str(runs), *SMALL_JOB]) == 0
     again = json.loads(out.with_suffix(".json").read_text())["job"]
     assert again["reused_finished_run"] and again["P7_wall_seconds"] == job["P7_wall_seconds"]
+    assert {p: p.stat().st_mtime_ns for p in (runs / "job").rglob("*")} == before
+
+    # ... but a finished job of another config is refused, not reported as this one's.
+    assert main(["bench", "--preset", "tiny", "--parts", "job", "--out", str(out), "--runs", str(runs), *SMALL_JOB,
+                 "--set", "train.lr=1e-4"]) == 2
+    assert "another config" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in (runs / "job").rglob("*")} == before
 
 

@@ -126,9 +126,15 @@ def memory_and_bytes(cfg: FedPTConfig, log: Callable[[str], None]) -> dict[str, 
 def run_job(config_file: Path, out_dir: Path) -> dict[str, Any]:
     """``fedpt run`` in a fresh process; returns its summary and round records.
 
-    A folder that already holds a finished run (``summary.json``) is read, not rerun.
+    A folder that already holds a finished run (``summary.json``) of the same config is read, not
+    rerun; one of another config is refused, never mistaken for this one's measurement.
     """
-    if not (out_dir / "summary.json").is_file():
+    if (out_dir / "summary.json").is_file():
+        from fedpt.config import load_config
+
+        if load_config(path=out_dir / "config.toml").to_dict() != load_config(path=config_file).to_dict():
+            raise FedPTError(f"{out_dir} holds a finished run of another config: delete it or give another --runs")
+    else:
         code = "import sys; from fedpt.cli import main; sys.exit(main(sys.argv[1:]))"
         _python(code, "run", "--config", str(config_file), "--out", str(out_dir), "--overwrite", "--no-progress")
     summary = json.loads((out_dir / "summary.json").read_text())

@@ -170,11 +170,12 @@ def test_teacher_logprobs_kept_from_decoding_equal_a_fresh_scoring(tiny_pair, ti
     response again: they must be what the teacher gives those positions when it scores them."""
     import torch
 
+    from fedpt.bench import with_random_lora
     from fedpt.distill import response_logprobs
     from fedpt.proxy import Decoding, generate_ids
 
     tokenizer, small, large = tiny_pair
-    student = with_trained_adapter(attach_lora(copy.deepcopy(small), tiny_cfg.lora, seed=0))
+    student = with_random_lora(copy.deepcopy(small), tiny_cfg.lora, scale=0.2)  # tuned != base
     # + 8 on EOS: the tiny models rarely stop by themselves; this makes rows end at 0, 1, 2, ...
     # 11 tokens and others run to the budget, in both decodings (checked), so every path is taken.
     teacher = EosBiased(ProxyTunedLM(LocalLogitSource(large), MixedAdapterDiff(student), alpha=1.5),
@@ -193,18 +194,6 @@ def test_teacher_logprobs_kept_from_decoding_equal_a_fresh_scoring(tiny_pair, ti
     for a, b in zip(from_decoding, rescored, strict=True):
         assert torch.equal(a.targets, b.targets) and a.teacher_logprobs.shape == b.teacher_logprobs.shape
         assert torch.allclose(a.teacher_logprobs, b.teacher_logprobs, atol=1e-4)
-
-
-def with_trained_adapter(peft_model):
-    """A nonzero LoRA B: the proxy then differs from the large LM (B = 0 would hide a wrong diff)."""
-    import torch
-
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-    return peft_model
 
 
 class EosBiased:

@@ -139,7 +139,7 @@ def raw_llamacpp_seconds(engine: Any, prompt: list[int], new_tokens: int) -> tup
         lib.llama_free(ctx)
 
 
-def with_random_lora(base: Any, lora_cfg: Any) -> Any:
+def with_random_lora(base: Any, lora_cfg: Any, scale: float = 0.01) -> Any:
     """``base`` with a LoRA adapter whose B is nonzero (B = 0 would make the diff exactly 0):
     speed does not depend on what an adapter learned. Seeded: the same adapter every time."""
     from fedpt.models.lora import attach_lora
@@ -149,7 +149,7 @@ def with_random_lora(base: Any, lora_cfg: Any) -> Any:
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator).to(param.dtype) * 0.01)
+                param.copy_(torch.randn(param.shape, generator=generator).to(param.dtype) * scale)
     return model.eval()
 
 

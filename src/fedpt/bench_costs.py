@@ -123,46 +123,50 @@ def memory_and_bytes(cfg: FedPTConfig, log: Callable[[str], None]) -> dict[str, 
             "P5_bytes_fedpt_over_fedavg_large": sent["fedpt"] / sent["fedavg-large"]}
 
 
-def run_job(config_file: Path, out_dir: Path) -> dict[str, Any]:
-    """``fedpt run`` in a fresh process; returns its summary and round records.
+def run_job(cfg: FedPTConfig, out_dir: Path, overrides: list[str] = ()) -> dict[str, Any]:
+    """``fedpt run`` of ``cfg`` (with ``overrides``) in a fresh process; returns its summary, its
+    round records and whether a finished run was read back.
 
     A folder that already holds a finished run (``summary.json``) of the same config is read, not
     rerun; one of another config is refused, never mistaken for this one's measurement.
     """
-    if (out_dir / "summary.json").is_file():
-        from fedpt.config import load_config
+    from fedpt.config import load_config
 
-        if load_config(path=out_dir / "config.toml").to_dict() != load_config(path=config_file).to_dict():
-            raise FedPTError(f"{out_dir} holds a finished run of another config: delete it or give another --runs")
-    else:
-        code = "import sys; from fedpt.cli import main; sys.exit(main(sys.argv[1:]))"
-        _python(code, "run", "--config", str(config_file), "--out", str(out_dir), "--overwrite", "--no-progress")
+    reused = (out_dir / "summary.json").is_file()
+    with tempfile.TemporaryDirectory() as tmp:
+        config_file = Path(tmp) / "config.toml"
+        cfg.save(config_file)
+        if overrides:
+            load_config(path=config_file, overrides=overrides).save(config_file)
+        if reused:
+            if load_config(path=out_dir / "config.toml").to_dict() != load_config(path=config_file).to_dict():
+                raise FedPTError(f"{out_dir} holds a finished run of another config: delete it or give another --runs")
+        else:
+            code = "import sys; from fedpt.cli import main; sys.exit(main(sys.argv[1:]))"
+            _python(code, "run", "--config", str(config_file), "--out", str(out_dir), "--overwrite", "--no-progress")
     summary = json.loads((out_dir / "summary.json").read_text())
     rounds = [json.loads(line) for line in (out_dir / "rounds.jsonl").read_text().splitlines() if line.strip()]
-    return {"summary": summary, "rounds": rounds}
+    return {"summary": summary, "rounds": rounds, "reused": reused}
 
 
 def _device_peak(rounds: list[dict[str, Any]]) -> int:
     return max((r.get("device_peak_memory_bytes") or 0 for r in rounds), default=0)
 
 
+def _devices_trained(rounds: list[dict[str, Any]]) -> list[int]:
+    return [r.get("clients") for r in rounds if r.get("round", 0) > 0]
+
+
 def clients_memory(cfg: FedPTConfig, runs_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
     """P6: two minimal runs that differ only in how many clients the simulation holds."""
-    from fedpt.config import load_config
-
     runs = {}
     for clients in CLIENT_COUNTS:
         folder = runs_dir / f"clients-{clients}"
-        with tempfile.TemporaryDirectory() as tmp:
-            config_file = Path(tmp) / "config.toml"
-            cfg.save(config_file)
-            small_cfg = load_config(path=config_file, overrides=[*MINIMAL_RUN, f"federation.num_clients={clients}"])
-            small_cfg.save(config_file)
-            job = run_job(config_file, folder)
+        job = run_job(cfg, folder, [*MINIMAL_RUN, f"federation.num_clients={clients}"])
         peak = job["summary"]["peak_memory_bytes"]
         runs[clients] = {"out": str(folder), "peak_memory_bytes": peak, "wall_seconds": job["summary"]["wall_seconds"],
                          "device_peak_memory_bytes": _device_peak(job["rounds"]),
-                         "devices_trained": [r.get("clients") for r in job["rounds"] if r.get("round", 0) > 0]}
+                         "devices_trained": _devices_trained(job["rounds"])}
         log(f"P6: {clients} simulated clients: peak {peak / 2**30:.2f} GiB (all processes)")
     few, many = CLIENT_COUNTS
     return {"runs": {str(k): v for k, v in runs.items()},
@@ -172,16 +176,12 @@ def clients_memory(cfg: FedPTConfig, runs_dir: Path, log: Callable[[str], None])
 def default_job(cfg: FedPTConfig, runs_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
     """P7 and P8: the job ``fedpt run`` does with this config, measured whole."""
     folder = runs_dir / "job"
-    reused = (folder / "summary.json").is_file()
-    with tempfile.TemporaryDirectory() as tmp:
-        config_file = Path(tmp) / "config.toml"
-        cfg.save(config_file)
-        job = run_job(config_file, folder)
-    summary = job["summary"]
+    job = run_job(cfg, folder)
+    summary, reused = job["summary"], job["reused"]
     result = {"out": str(folder), "reused_finished_run": reused,
               "P7_wall_seconds": summary["wall_seconds"], "P8_peak_memory_bytes": summary["peak_memory_bytes"],
               "P8_device_process_peak_bytes": _device_peak(job["rounds"]),
-              "devices_trained_per_round": [r.get("clients") for r in job["rounds"] if r.get("round", 0) > 0],
+              "devices_trained_per_round": _devices_trained(job["rounds"]),
               "rouge_l": {name: (info["final"] or {}).get("rougeL_sets")
                           for name, info in summary["systems"].items()}}
     log(f"P7: {result['P7_wall_seconds'] / 60:.1f} min; P8: {result['P8_peak_memory_bytes'] / 2**30:.2f} GiB all "

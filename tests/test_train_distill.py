@@ -165,56 +165,97 @@ def test_response_loss_matches_full_logits_loss_and_gradients(tiny_pair, tiny_cf
 
 
 @pytest.mark.parametrize("sample", [False, True])
-def test_teacher_logprobs_kept_from_decoding_equal_a_fresh_scoring(tiny_pair, tiny_cfg, sample):
+def test_teacher_logprobs_kept_from_decoding_equal_a_fresh_scoring(tiny_pair, tiny_cfg, sample, monkeypatch):
     """distill() keeps the teacher's distributions from its own decoding instead of scoring prompt +
-    response again: they must be what the teacher gives those positions when it scores them."""
+    response again: they must be what the teacher gives those positions when it scores them.
+
+    Where each row stops is fixed by construction (``StopAt``), not left to where the tiny models'
+    decoding happens to emit EOS (that differs from CPU to CPU): rows stop at once, after 11 tokens
+    and at several lengths in between, others run to the budget, greedy and sampled alike, so
+    every path is taken."""
     import torch
 
+    import fedpt.distill
     from fedpt.bench import with_random_lora
-    from fedpt.distill import response_logprobs
-    from fedpt.proxy import Decoding, generate_ids
+    from fedpt.proxy import stop_token_ids
 
     tokenizer, small, large = tiny_pair
-    student = with_random_lora(copy.deepcopy(small), tiny_cfg.lora, scale=0.2)  # tuned != base
-    # + 8 on EOS: the tiny models rarely stop by themselves; this makes rows end at 0, 1, 2, ...
-    # 11 tokens and others run to the budget, in both decodings (checked), so every path is taken.
-    teacher = EosBiased(ProxyTunedLM(LocalLogitSource(large), MixedAdapterDiff(student), alpha=1.5),
-                        tokenizer.eos_token_id, 8.0)
+    budget, max_prompt = 12, tiny_cfg.data.max_prompt_tokens
     prompts = [format_prompt(ex, "alpaca") for ex in _splits().kd_pool[:10]]
+    # Each prompt's length in tokens as the model sees it (long prompts keep their last max_prompt).
+    lengths = [min(len(tokenizer(p, add_special_tokens=False)["input_ids"]), max_prompt) for p in prompts]
+    # EOS goes at these positions (real tokens counted from 0): row 0 stops at once, row 2 after 11
+    # tokens, row 7 after 5; every row stops at the first of them inside its budget, if any.
+    at = {lengths[0], lengths[2] + 11, lengths[7] + 5}
+    expected = [next((k for k in range(budget) if n + k in at), budget) for n in lengths]
+    assert expected[0] == 0 and expected[2] == 11 and expected[7] == 5 and budget in expected
+    assert len({k for k in expected if 0 < k < budget}) >= 3  # several early stops besides 0 and 11
+
+    tuned = with_random_lora(copy.deepcopy(small), tiny_cfg.lora, scale=0.2)  # tuned != base
+    teacher = StopAt(ProxyTunedLM(LocalLogitSource(large), MixedAdapterDiff(tuned), alpha=1.5),
+                     tokenizer.eos_token_id, stop_token_ids(tokenizer), at)
     cfg = copy.deepcopy(tiny_cfg.distill)
-    cfg.max_new_tokens, cfg.batch_size, cfg.temperature = 12, 4, 2.0
-    kept = []
-    responses = generate_ids(teacher, tokenizer, prompts, Decoding(max_new_tokens=12, do_sample=sample, seed=5),
-                             cfg.batch_size, tiny_cfg.data.max_prompt_tokens,
-                             on_batch=lambda rows, steps: kept.extend(response_logprobs(rows, steps, 12, 2.0)))
-    lengths = [len(r) for r in responses]
-    assert min(lengths) < 11 and max(lengths) == 12  # rows that stopped early and rows cut at the budget
-    from_decoding = build_kd_batches(teacher, tokenizer, prompts, responses, cfg, tiny_cfg.data, teacher_logprobs=kept)
-    rescored = build_kd_batches(teacher, tokenizer, prompts, responses, cfg, tiny_cfg.data)
-    for a, b in zip(from_decoding, rescored, strict=True):
+    cfg.max_new_tokens, cfg.batch_size, cfg.temperature, cfg.steps = budget, 4, 2.0, 1
+    cfg.teacher_decoding = "sample" if sample else "greedy"
+    seen = {}
+
+    def build_kd_batches_spy(teacher_, tokenizer_, prompts_, responses, cfg_, data_cfg, teacher_logprobs=None):
+        """What distill() hands on: its responses and the log-probabilities it kept while decoding."""
+        assert teacher_logprobs is not None  # kept, not left for build_kd_batches to score again
+        seen.update(responses=responses, rescored=build_kd_batches(teacher_, tokenizer_, prompts_, responses, cfg_,
+                                                                   data_cfg))
+        seen["kept"] = build_kd_batches(teacher_, tokenizer_, prompts_, responses, cfg_, data_cfg, teacher_logprobs)
+        return seen["kept"]
+
+    monkeypatch.setattr(fedpt.distill, "build_kd_batches", build_kd_batches_spy)
+    distill(teacher, copy.deepcopy(tuned), tokenizer, prompts, cfg, tiny_cfg.data, seed=5)
+    assert [len(r) for r in seen["responses"]] == expected
+    # one position per response token, plus the stop token's where a row stopped before the budget
+    assert sum(len(b.targets) for b in seen["rescored"]) == sum(k + (k < budget) for k in expected)
+    for a, b in zip(seen["kept"], seen["rescored"], strict=True):
         assert torch.equal(a.targets, b.targets) and a.teacher_logprobs.shape == b.teacher_logprobs.shape
         assert torch.allclose(a.teacher_logprobs, b.teacher_logprobs, atol=1e-4)
 
 
-class EosBiased:
-    """A LogitSource whose every distribution (decoding and scoring alike) favours EOS by ``bias``."""
+class StopAt:
+    """A LogitSource that stops every row exactly where the token it predicts sits at a position in
+    ``at`` (a row's real tokens counted from 0, whatever the padding), and never elsewhere.
 
-    def __init__(self, source, eos_id: int, bias: float) -> None:
-        self.source, self.eos_id, self.bias = source, eos_id, bias
+    There EOS gets the row's largest logit + 200, elsewhere the largest - 200; the other stop tokens
+    always get - 200. exp(-200) is 0 in fp32, so neither greedy nor sampled decoding can pick
+    otherwise, on any CPU. Decoding (``prefill``, ``step``) and scoring (``score``) count positions
+    the same way, so both see the same distributions.
+    """
 
-    def _biased(self, logits):
+    def __init__(self, source, eos_id: int, stop_ids: list[int], at: set[int]) -> None:
+        import torch
+
+        self.source, self.eos_id = source, eos_id
+        self.others = [i for i in stop_ids if i != eos_id]
+        self.at = torch.tensor(sorted(at))
+        self._next = None  # per row: the position of the token the next logits predict
+
+    def _shaped(self, logits, positions):
+        import torch
+
         logits = logits.clone()
-        logits[..., self.eos_id] += self.bias
+        top = logits.max(dim=-1).values
+        logits[..., self.others] = (top - 200.0)[..., None]
+        logits[..., self.eos_id] = torch.where(torch.isin(positions, self.at), top + 200.0, top - 200.0)
         return logits
 
-    def prefill(self, *args):
-        return self._biased(self.source.prefill(*args))
+    def prefill(self, input_ids, attention_mask):
+        self._next = attention_mask.sum(dim=-1)  # the prompt's real tokens sit at 0 .. n-1
+        return self._shaped(self.source.prefill(input_ids, attention_mask), self._next)
 
-    def step(self, *args):
-        return self._biased(self.source.step(*args))
+    def step(self, tokens):
+        self._next = self._next + 1
+        return self._shaped(self.source.step(tokens), self._next)
 
-    def score(self, *args, **kwargs):
-        return self._biased(self.source.score(*args, **kwargs))
+    def score(self, input_ids, attention_mask, keep_last=0):
+        logits = self.source.score(input_ids, attention_mask, keep_last)  # (B, K, V)
+        predicts = attention_mask.cumsum(dim=-1)  # logits at a real token predict the position after it
+        return self._shaped(logits, predicts[:, predicts.shape[1] - logits.shape[1]:])
 
     def close(self):
         self.source.close()

@@ -176,6 +176,13 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop_cleanly(message) -> None:
+    """SIGTERM / Ctrl-C end the command and everything it started, with ``message`` (how to go on)."""
+    from fedpt import stopping
+
+    stopping.install(message)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from fedpt.faults import check_kill_point_env
     from fedpt.runner import format_table, run
@@ -195,6 +202,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cfg.run.systems = systems
         cfg.validate()
     out_dir = (args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    _stop_cleanly(lambda: (f"resume with: fedpt run --resume {out_dir}" if (out_dir / "config.toml").is_file()
+                           else "nothing was written: run the same command again"))
     summary = run(cfg, out_dir, overwrite=args.overwrite, verbose=args.verbose, show_progress=not args.no_progress,
                   resume=args.resume is not None)
     print(format_table(summary))
@@ -237,6 +246,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     if any(a < 0 for a in alphas):
         raise FedPTError(f"--alphas must be >= 0, got {args.alphas}")
     cfg = load_config(path=args.config, preset=args.preset, overrides=args.overrides)
+    _stop_cleanly("finished rounds are kept: run the same command again to continue")
     path = run_experiment(cfg, args.out.resolve(), alphas, verbose=args.verbose, show_progress=not args.no_progress,
                           command="fedpt " + shlex.join(args.argv))
     print(f"results: {path}")
@@ -303,6 +313,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise FedPTError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if not 0 <= args.port <= 65535:
         raise FedPTError(f"--port must be in [0, 65535], got {args.port}")
+    _stop_cleanly(None)
     limits = ServeLimits(max_body_bytes=args.max_body_bytes, max_batch=args.max_batch,
                          max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
                          max_logprobs=args.max_logprobs, max_sessions=args.max_sessions,

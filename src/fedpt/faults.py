@@ -11,6 +11,10 @@ Two kinds, both off unless asked for:
   sends itself SIGKILL at a named point of a round, as an OOM killer or a pulled plug would.
   Resume tests use it to stop a run where a timer could not aim: inside distillation, between
   writing a checkpoint and publishing it. ``FEDPT_FAIL_AT`` raises an error there instead.
+- **Pause points** (``FEDPT_PAUSE_AT=<point>@<round>`` with ``FEDPT_PAUSE_FILE=<path>``): the
+  process reaching the point (the server, or for ``device-training`` the device) writes the
+  file and waits there until it is stopped. Signal tests wait for the file, then send SIGTERM:
+  the signal lands at a named point, whatever the machine's speed, with no timer to race.
 """
 
 from __future__ import annotations
@@ -34,12 +38,26 @@ class InjectedFault(RuntimeError):
 
 
 def kill_point(point: str, server_round: int) -> None:
-    """SIGKILL (``FEDPT_KILL_AT``) or raise (``FEDPT_FAIL_AT``) here when the environment says so."""
+    """SIGKILL (``FEDPT_KILL_AT``), raise (``FEDPT_FAIL_AT``) or pause (``FEDPT_PAUSE_AT``) here
+    when the environment says so."""
     here = f"{point}@{server_round}"
+    pause_point(point, server_round)
     if os.environ.get("FEDPT_KILL_AT") == here:
         os.kill(os.getpid(), signal.SIGKILL)
     if os.environ.get("FEDPT_FAIL_AT") == here:
         raise InjectedFault(f"injected server failure at {here}")
+
+
+def pause_point(point: str, server_round: int) -> None:
+    """``FEDPT_PAUSE_AT=<point>@<round>``: announce arrival in ``FEDPT_PAUSE_FILE`` and wait to be stopped."""
+    if os.environ.get("FEDPT_PAUSE_AT") != f"{point}@{server_round}":
+        return
+    marker = os.environ.get("FEDPT_PAUSE_FILE")
+    if marker:
+        with open(marker, "a", encoding="utf-8") as handle:
+            handle.write(f"{os.getpid()} {point}@{server_round}\n")
+    while True:  # until a signal ends the process
+        time.sleep(0.5)
 
 
 def device_fault(seed: int, crash: float, hang: float, exit_: float, server_round: int,
@@ -81,7 +99,7 @@ def inject_device_faults(msg: Message, context: Context,
 
 def check_kill_point_env() -> None:
     """A typo in FEDPT_KILL_AT/FEDPT_FAIL_AT would silently never fire: refuse it."""
-    for var in ("FEDPT_KILL_AT", "FEDPT_FAIL_AT"):
+    for var in ("FEDPT_KILL_AT", "FEDPT_FAIL_AT", "FEDPT_PAUSE_AT"):
         value = os.environ.get(var)
         if not value:
             continue

@@ -15,7 +15,7 @@ from __future__ import annotations
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedpt.faults import inject_device_faults
+from fedpt.faults import inject_device_faults, pause_point
 from fedpt.federation.device import tune_on_device
 from fedpt.federation.local_dp import local_dp_mod
 from fedpt.federation.records import (ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, PARTITION_KEY, SYSTEM_KEY, arrays_to_state,
@@ -34,6 +34,7 @@ def train(msg: Message, context: Context) -> Message:
     if LEGACY_FIT_KEY in msg.content.array_records:  # secure aggregation's training stage
         return train_masked(msg, context)
     config = msg.content["config"]
+    pause_point("device-training", int(config["server-round"]))  # FEDPT_PAUSE_AT: signal tests stop the run here
     state, metrics = tune_on_device(str(config[CONFIG_KEY]), str(config[SYSTEM_KEY]), int(config["server-round"]),
                                     arrays_to_state(msg.content[ARRAYS_KEY]), context)
     content = RecordDict({ARRAYS_KEY: state_to_arrays(state), METRICS_KEY: MetricRecord(metrics)})

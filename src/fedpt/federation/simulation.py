@@ -54,6 +54,7 @@ def simulate(cfg: FedPTConfig, out_dir: Path | None, progress: Progress | None =
     # lines; `fedpt run` would also start, and have to stop, a SuperLink with its detached
     # SuperExec on a port of this machine. `flwr run .` is supported as the other way in
     # (`fedpt.federation.server_app`): same preparation, same rounds.
+    _start_ray(backend_config["init_args"])
     try:  # Flower re-raises the ServerApp's error here, or only logs it: catch both ways
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.num_clients,
                        backend_config=backend_config, verbose_logging=verbose)
@@ -71,3 +72,27 @@ def simulate(cfg: FedPTConfig, out_dir: Path | None, progress: Progress | None =
     if not all(system_finished(cfg, name, records) for name in cfg.run.systems):
         raise FedPTError(f"the simulation ended before all rounds finished (rerun with --verbose to see why){resume}")
     return records
+
+
+def _start_ray(init_args: dict) -> None:
+    """Start Ray here, as Flower's Ray backend would, then take SIGTERM/SIGINT back from it.
+
+    ``ray.init`` replaces the process's SIGTERM handler (``sys.exit``, which the simulation loop
+    swallows: a stopped run went on to its next rounds) and Ray's C++ core installs a failure
+    handler that dumps a stack. Flower only calls ``ray.init`` when Ray is not running yet, so
+    starting it first (same arguments, same PYTHONPATH for the workers as Flower's
+    ``RayBackend.init_ray``) lets ``fedpt.stopping`` handle the signals.
+    """
+    import sys
+
+    import ray
+
+    from fedpt import stopping
+
+    if not ray.is_initialized():
+        pythonpath = os.pathsep.join(sys.path)
+        if os.environ.get("PYTHONPATH"):
+            pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+        os.environ["PYTHONPATH"] = pythonpath
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+    stopping.install(keep_message=True)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from fedpt.errors import FedPTError
 
+STOP_GRACE_SECONDS = 10  # open requests' time to finish after SIGTERM / Ctrl-C
+
 
 def serve(model: str | None, run: Path | None, system: str | None, host: str, port: int, api_key_file: str,
           dtype: str | None, threads: int, name: str | None, gang: int, limits=None) -> None:
@@ -43,5 +45,8 @@ def serve(model: str | None, run: Path | None, system: str | None, host: str, po
         print(f"warning: listening on {host} without --api-key-file: anyone who can reach it can use it",
               file=sys.stderr, flush=True)
     app = create_app(served, limits=limits, api_key=api_key, gang=gang)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    # SIGTERM / Ctrl-C: uvicorn stops taking requests and gives open ones STOP_GRACE_SECONDS, then
+    # re-raises the signal, which fedpt.stopping (installed by the CLI) turns into a clean exit.
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                           timeout_graceful_shutdown=STOP_GRACE_SECONDS))
     server.run(sockets=[sock])

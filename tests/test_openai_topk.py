@@ -77,7 +77,31 @@ def test_api_topk_equals_local_log_softmax_topk(server, tiny_pair):
         for j in range(5):
             assert set(torch.isfinite(scored[row, j]).nonzero()[:, 0].tolist()) == set(top[-5 + j].tolist())
             assert torch.allclose(scored[row, j, top[-5 + j]], values[-5 + j], atol=1e-4)
-    assert source.stats.unmapped == 0 and source.stats.requests == 3
+    # fedpt serve takes batches of token ids and echoes OpenAI's way (entry j: the distribution of
+    # token j, the generated token last), as the backend learnt from its first two requests.
+    traits = source.traits
+    assert (traits.id_prompts, traits.batch, traits.echo_generated, traits.echo_offset) == (True, True, True, 1)
+    assert source.stats.unmapped == 0 and source.stats.requests == 2 + 3 and source.stats.refetched == 0
+
+
+def test_text_prompts_give_the_same_topk_as_token_ids(server, tiny_pair):
+    """As with a server that speaks only text (``id_prompts=False``): rows go as their decoded text,
+    still batched, and fedpt serve tokenizes the text back into our ids; prefill and echo scoring
+    equal the local model's top-k exactly as with token-id prompts."""
+    tokenizer, _, large = tiny_pair
+    k = 8
+    source = _source(server, tokenizer, k, id_prompts=False)
+    ids, mask = encode_prompts_left(tokenizer, PROMPTS, 64)
+    got, scored = source.prefill(ids, mask), source.score(ids, mask, keep_last=5)
+    for row, (prompt_ids, prompt_mask) in enumerate(zip(ids, mask)):
+        values, top = _local_topk(large, prompt_ids[prompt_mask.bool()].tolist(), k)
+        for j, position in ((None, -1), *((j, -5 + j) for j in range(5))):
+            answer = got[row] if j is None else scored[row, j]
+            assert set(torch.isfinite(answer).nonzero()[:, 0].tolist()) == set(top[position].tolist())
+            assert torch.allclose(answer[top[position]], values[position], atol=1e-4)
+    traits = source.traits
+    assert (traits.id_prompts, traits.batch, traits.echo_generated, traits.echo_offset) == (False, True, True, 1)
+    assert (source.stats.retokenized, source.stats.refetched, source.stats.unmapped) == (0, 0, 0)
 
 
 @pytest.fixture(scope="module")
@@ -149,8 +173,26 @@ def test_fedpt_run_with_the_openai_backend_completes(server, tmp_path):
     assert result.returncode == 0, result.stderr[-6000:]
     records = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     final = records[-1]
-    assert final["round"] == 1 and final["rougeL_proxy"] is not None
-    assert final["kd_kl_before"] == final["kd_kl_before"] and final["kd_loss"] == final["kd_loss"]  # not NaN
+    assert final["round"] == 1 and final["system"] == "fedpt"
+    # The proxy's Rouge-L is what its written predictions score, recomputed here with rouge_score
+    # itself (best F-measure over the references, x100, mean over prompts, then over seeds).
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    for set_name, by_model in final["rougeL_sets"].items():
+        rows = [json.loads(line) for line in
+                (out / "fedpt" / "predictions" / f"round-0001.{set_name}.proxy.jsonl").read_text().splitlines()]
+        per_seed: dict = {}
+        for row in rows:
+            best = max(scorer.score(ref, row["prediction"])["rougeL"].fmeasure for ref in row["references"])
+            per_seed.setdefault(row["seed"], []).append(100.0 * best)
+        assert rows and by_model["proxy"] == pytest.approx(
+            sum(sum(v) / len(v) for v in per_seed.values()) / len(per_seed), abs=1e-9)
+    assert final["rougeL_proxy"] == next(iter(final["rougeL_sets"].values()))["proxy"]
+    # Distillation from the top-5 teacher: a KL over the teacher's support is finite (0 * log 0 = 0
+    # off the support, not 0 * -inf = NaN) and >= 0 (Gibbs), before and after; so is the loss.
+    for key in ("kd_kl_before", "kd_kl_after", "kd_loss"):
+        assert math.isfinite(final[key]) and final[key] >= 0, (key, final[key])
 
 
 def test_bad_paths_give_one_line(server, tiny_pair, tmp_path):

@@ -294,35 +294,135 @@ def test_engine_interleaves_concurrent_requests(fedpt_home):
     assert steps == ["A", "B", "A", "B", "A", "B", "A", "A", "A"]
 
 
-@pytest.fixture(scope="module")
-def gang_server(fedpt_home, request):
-    served = start_server(["--model", "tiny-large", "--dtype", "float32", "--gang", "2"], fedpt_home)
-    request.addfinalizer(served.stop)
-    return served.url
+class GatedSource:
+    """The served model's LogitSource with two changes a test can rely on, on any CPU.
+
+    It never picks a stop token (their logits are -inf), so every answer runs to ``max_tokens``.
+    While ``armed``, a request's second token waits until the *client* has received the other
+    request's first token (``received[other]``): a server that interleaves requests gets past that
+    at once; one that finishes one request before it starts the next cannot, and the waiting
+    request ends in an error after ``GATE_SECONDS`` (a limit only a broken server reaches).
+    """
+
+    GATE_SECONDS = 60.0
+
+    def __init__(self, source, stop_ids: list[int], names: dict[tuple[int, ...], str],
+                 received: dict[str, threading.Event], armed: bool) -> None:
+        self.source, self.stop_ids, self.names, self.received, self.armed = source, stop_ids, names, received, armed
+        self.name: str | None = None
+        self.steps = 0
+
+    def _no_stop(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.clone()
+        logits[..., self.stop_ids] = float("-inf")
+        return logits
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        self.name = self.names.get(tuple(input_ids[0].tolist()))
+        return self._no_stop(self.source.prefill(input_ids, attention_mask))
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.steps += 1
+        if self.armed and self.steps == 1:
+            other = next(n for n in self.received if n != self.name)
+            if not self.received[other].wait(self.GATE_SECONDS):
+                raise RuntimeError(f"{self.name}'s second token waited for {other}'s first, which never came")
+        return self._no_stop(self.source.step(tokens))
+
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_last: int = 0) -> torch.Tensor:
+        return self._no_stop(self.source.score(input_ids, attention_mask, keep_last))
+
+    def close(self) -> None:
+        self.source.close()
 
 
-def test_concurrent_streams_progress_together(gang_server, client):
-    """Two clients stream at once; each waits for the other's first token before reading on (a server
-    that finished one answer before starting the other would still pass this, the engine test above
-    pins the interleaving), and both get exactly the answer they get alone."""
+def serve_in_thread(app):
+    """uvicorn serving ``app`` on a free loopback port in a thread of this process; (url, stop)."""
+    import socket
+    import time
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+    deadline = time.monotonic() + 60
+    while not server.started:  # wait for the condition, not for a time
+        if not thread.is_alive() or time.monotonic() > deadline:
+            stop()
+            raise RuntimeError("the in-process server did not start")
+        time.sleep(0.05)
+    return url, stop
+
+
+def test_concurrent_streams_progress_together(fedpt_home, request):
+    """Two clients stream at once from the real app (``create_app``, ``--gang 2``: the worker starts
+    once both requests are in) over HTTP; both must have received a token before either stream
+    ends, and both get exactly the answer they get alone.
+
+    No timing decides it: the served model (``GatedSource``) holds each request's second token
+    until the client has the other's first, so the client-side order below is forced for a server
+    that interleaves requests, and a server that serves one request after the other makes the
+    first one fail (it cannot get past its gate). Stop tokens are ruled out, so both answers run
+    to max_tokens whatever the CPU's rounding."""
+    from fedpt.serving.app import create_app
+    from fedpt.serving.models import load_plain
+
+    served = load_plain("tiny-large", "float32")
     prompts = {"A": PROMPT, "B": "The capital of France"}
-    alone = {k: client.completions.create(model="tiny-large", prompt=p, max_tokens=10, temperature=0).choices[0].text
-             for k, p in prompts.items()}
-    gang = openai.OpenAI(base_url=gang_server + "/v1", api_key="unused", max_retries=0, timeout=120)
-    first = {k: threading.Event() for k in prompts}
-    texts: dict[str, str] = {}
+    names = {tuple(served.tokenizer(p, add_special_tokens=False)["input_ids"]): k for k, p in prompts.items()}
+    assert len(names) == 2
+    received = {k: threading.Event() for k in prompts}
+    armed = [False]
+    plain_source = served.source
+    served.source = lambda alpha=None: GatedSource(plain_source(alpha), served.eos_ids, names, received, armed[0])
+    clients = {}
+    for gang in (1, 2):  # --gang 1 for the answers alone (a gang of 2 waits for a second request)
+        url, stop = serve_in_thread(create_app(served, gang=gang))
+        request.addfinalizer(stop)
+        clients[gang] = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    max_tokens = 6
+
+    def stream(name: str, gang: int = 2):
+        """Each chunk of ``name``'s answer: (token count, text, finish reason)."""
+        for chunk in clients[gang].completions.create(model="tiny-large", prompt=prompts[name], temperature=0,
+                                                      max_tokens=max_tokens, logprobs=0, stream=True):
+            choice = chunk.choices[0]  # logprobs=0: every step is a chunk, even one whose text is held back
+            yield len(choice.logprobs.tokens) if choice.logprobs else 0, choice.text, choice.finish_reason
+
+    # Alone, one request after the other; the gates are not armed.
+    alone = {k: list(stream(k, gang=1)) for k in prompts}
+    for chunks in alone.values():
+        assert sum(n for n, _, _ in chunks) == max_tokens and chunks[-1][2] == "length"
+
+    armed[0] = True
+    order: list[tuple[str, str]] = []  # (stream, "token" or "end"), in the order the client got them
+    lock = threading.Lock()
+    together: dict[str, list] = {}
     errors: list[BaseException] = []
 
     def read(name: str) -> None:
         try:
-            parts = []
-            for chunk in gang.completions.create(model="tiny-large", prompt=prompts[name], max_tokens=10,
-                                                 temperature=0, stream=True):
-                parts.append(chunk.choices[0].text)
-                first[name].set()
-                other = "B" if name == "A" else "A"
-                assert first[other].wait(120), f"{other} got no token while {name} was streaming"
-            texts[name] = "".join(parts)
+            chunks = []
+            for chunk in stream(name):
+                chunks.append(chunk)
+                with lock:
+                    order.extend([(name, "token")] * chunk[0])
+                if chunk[0]:
+                    received[name].set()
+            with lock:
+                order.append((name, "end"))
+            together[name] = chunks
         except BaseException as err:  # noqa: BLE001 - reported by the main thread
             errors.append(err)
 
@@ -330,9 +430,12 @@ def test_concurrent_streams_progress_together(gang_server, client):
     for t in threads:
         t.start()
     for t in threads:
-        t.join(180)
+        t.join(300)
     assert not errors, errors
-    assert texts == alone
+    assert together == alone
+    for name, other in (("A", "B"), ("B", "A")):
+        assert order.count((name, "token")) == max_tokens
+        assert order.index((other, "token")) < order.index((name, "end")), order
 
 
 def test_serve_bad_arguments_are_one_line(tmp_path, capsys):

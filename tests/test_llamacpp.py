@@ -206,3 +206,88 @@ def test_small_lm_with_lora_adapter_in_llamacpp_equals_peft(tiny_pair, tiny_cfg,
     torch.testing.assert_close(diff.step(tokens), reference.step(tokens), atol=ATOL / 4, rtol=0)
     torch.testing.assert_close(diff.score(ids, mask, 3)[mask[:, -3:].bool()],
                                reference.score(ids, mask, 3)[mask[:, -3:].bool()], atol=ATOL / 4, rtol=0)
+
+
+# -- llama.cpp on every CPU (issue 17) ----------------------------------------------------------
+
+AMX_FLAGS = frozenset("avx2 avx512f avx512_bf16 amx_tile amx_bf16 amx_int8".split())
+EPYC_FLAGS = frozenset("avx2 avx512f avx512_bf16".split())
+
+
+def test_extra_buffers_are_off_on_amx_cpus_only_unless_forced(monkeypatch):
+    """llama.cpp's AMX weight buffer segfaults on Sapphire Rapids with K-quants: "auto" keeps
+    llama.cpp's extra (repacked) buffers everywhere else; on / off force the switch either way."""
+    from fedpt.models.llamacpp import EXTRA_BUFFERS_ENV, extra_buffers_enabled
+
+    monkeypatch.delenv(EXTRA_BUFFERS_ENV, raising=False)
+    assert extra_buffers_enabled(flags=AMX_FLAGS) is False
+    assert extra_buffers_enabled(flags=EPYC_FLAGS) is True
+    assert extra_buffers_enabled(flags=frozenset({"avx2"})) is True
+    assert extra_buffers_enabled("on", flags=AMX_FLAGS) is True
+    assert extra_buffers_enabled("off", flags=EPYC_FLAGS) is False
+    monkeypatch.setenv(EXTRA_BUFFERS_ENV, "OFF")
+    assert extra_buffers_enabled(flags=EPYC_FLAGS) is False
+    monkeypatch.setenv(EXTRA_BUFFERS_ENV, "maybe")
+    with pytest.raises(FedPTError, match=f"{EXTRA_BUFFERS_ENV}='maybe': expected auto, on or off"):
+        extra_buffers_enabled(flags=EPYC_FLAGS)
+
+
+@pytest.mark.parametrize("setting", ["on", "off"])
+def test_both_buffer_settings_give_the_torch_logits(tiny_pair, tiny_large_gguf, monkeypatch, setting):
+    """The switch the product uses on AMX CPUs, forced each way here: llama.cpp loads and computes
+    the same logits as torch with and without its extra buffer types."""
+    from fedpt.models.llamacpp import EXTRA_BUFFERS_ENV, LlamaCppModel
+
+    monkeypatch.setenv(EXTRA_BUFFERS_ENV, setting)
+    tokenizer, _, large = tiny_pair
+    model = LlamaCppModel(tiny_large_gguf, threads=1)
+    assert model.extra_buffers is (setting == "on")
+    ids, mask = padded_batch(tokenizer, TEXTS)
+    torch.testing.assert_close(model.source().score(ids, mask), LocalLogitSource(large).score(ids, mask),
+                               atol=ATOL, rtol=0)
+
+
+def test_a_llamacpp_crash_on_this_cpu_is_one_line_not_a_segfault(tiny_large_gguf, monkeypatch):
+    """The check decodes in a child first: its SIGSEGV (injected, as the AMX kernel's) becomes one
+    FedPTError naming the signal, the file and the CPU, and this process lives on."""
+    from fedpt.cpu import cpu_summary
+    from fedpt.models.llamacpp import EXTRA_BUFFERS_ENV, PROBE_FAULT_ENV, LlamaCppModel
+
+    monkeypatch.setenv(PROBE_FAULT_ENV, "SIGSEGV")
+    monkeypatch.setenv(EXTRA_BUFFERS_ENV, "on")
+    with pytest.raises(FedPTError) as caught:
+        LlamaCppModel(tiny_large_gguf, threads=1)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"llama.cpp crashed (SIGSEGV) decoding {tiny_large_gguf.name} on this CPU "
+                              f"({cpu_summary()})")
+    assert f"{EXTRA_BUFFERS_ENV}=off" in message  # the switch that avoids the AMX buffer
+    monkeypatch.setenv(PROBE_FAULT_ENV, "SIGILL")  # a build for another CPU
+    monkeypatch.setenv(EXTRA_BUFFERS_ENV, "off")
+    with pytest.raises(FedPTError, match=r"crashed \(SIGILL\).*model.large_backend = 'local'") as caught:
+        LlamaCppModel(tiny_large_gguf, threads=1)
+    assert EXTRA_BUFFERS_ENV not in str(caught.value)  # already off: nothing to suggest there
+    monkeypatch.delenv(PROBE_FAULT_ENV)
+    LlamaCppModel(tiny_large_gguf, threads=1).close()  # without the fault the same file loads
+
+
+def test_auto_falls_back_to_torch_where_llamacpp_crashes(tmp_path, monkeypatch, capsys):
+    """``auto`` chose llama.cpp; its check crashes on this CPU: the run goes on in torch, says why in
+    one line, and its config.toml records torch. Asked for by name, the same crash refuses the run."""
+    from fedpt.models.llamacpp import PROBE_FAULT_ENV
+
+    monkeypatch.setenv(PROBE_FAULT_ENV, "SIGSEGV")
+    out = tmp_path / "auto"
+    args = ["run", "--preset", "tiny", "--no-progress", *FAST_TINY, "--set", "run.systems=['fedpt']",
+            "--set", "federation.rounds=1", "--set", "model.small_proxy_backend=auto"]
+    assert main([*args, "--out", str(out), "--set", "model.large_backend=auto"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and notes[0].startswith("note: 'auto' runs the models in torch, not llama.cpp: "
+                                                   "llama.cpp crashed (SIGSEGV)"), notes
+    saved = load_config(path=out / "config.toml")
+    assert (saved.model.large_backend, saved.model.small_proxy_backend) == ("local", "torch")
+    named = tmp_path / "named"
+    assert main([*args, "--out", str(named), "--set", "model.large_backend=llamacpp"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: llama.cpp crashed (SIGSEGV)"), errors
+    assert not named.exists()  # refused before anything was written

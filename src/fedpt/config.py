@@ -78,6 +78,11 @@ class ModelConfig:
     # torch. "auto": llamacpp when the large LM runs there too and the small LM has a GGUF file.
     small_proxy_backend: str = "torch"
 
+    @property
+    def chosen_by_auto(self) -> set[str]:
+        """The backend keys "auto" resolved in this process (not saved: config.toml holds the choice)."""
+        return self.__dict__.setdefault("_chosen_by_auto", set())
+
     def validate(self) -> None:
         _check_choice("model.dtype", self.dtype, DTYPES)
         _check_choice("model.large_backend", self.large_backend, LARGE_BACKENDS)
@@ -360,9 +365,11 @@ class FedPTConfig:
             getattr(self, section.name).validate()
         if self.model.large_backend == "auto":  # resolved once: a resumed run keeps what it started with
             self.model.large_backend = auto_large_backend(self.model.large, self.run.systems)
+            self.model.chosen_by_auto.add("large_backend")  # preflight may still fall back to torch
         if self.model.small_proxy_backend == "auto":
             llamacpp = self.model.large_backend == "llamacpp" and _has_gguf(self.model.small)
             self.model.small_proxy_backend = "llamacpp" if llamacpp else "torch"
+            self.model.chosen_by_auto.add("small_proxy_backend")
         if "fedavg-large" in self.run.systems and self.model.large_backend != "local":
             raise FedPTError("fedavg-large tunes the large LM's weights (white-box baseline): it needs "
                              f"model.large_backend = 'local', not '{self.model.large_backend}'")

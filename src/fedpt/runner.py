@@ -39,6 +39,7 @@ def preflight(cfg: FedPTConfig) -> tuple[dict[str, list[int]], dict[str, int]]:
     partitions = [partition_examples(splits.train, n, i, cfg.data, cfg.data.split_seed) for i in range(n)]
     if cfg.model.large_backend in ("local", "llamacpp"):
         check_same_vocabulary(cfg.model.small, cfg.model.large)
+        check_llamacpp_runs_here(cfg)
     elif cfg.model.large_backend == "remote":  # black box: its tokenizer is not here, its vocabulary hash is
         from fedpt.models.remote import check_remote_vocabulary
 
@@ -49,6 +50,32 @@ def preflight(cfg: FedPTConfig) -> tuple[dict[str, list[int]], dict[str, int]]:
         check_openai_vocabulary(cfg)
     check_memory(cfg)
     return category_histogram(partitions), {name: len(examples) for name, examples in eval_sets.items()}
+
+
+def check_llamacpp_runs_here(cfg: FedPTConfig) -> None:
+    """The GGUF files llama.cpp will run, decoded once in a child process (``check_runs_here``).
+
+    Where llama.cpp crashes on this CPU, a backend that ``auto`` chose falls back to torch with
+    one line saying why; one the user asked for by name is refused with that line.
+    """
+    import sys
+
+    from fedpt.models.llamacpp import check_runs_here, extra_buffers_enabled, gguf_path
+
+    model = cfg.model
+    specs = ([model.large] if model.large_backend == "llamacpp" else []) + \
+        ([model.small] if model.small_proxy_backend == "llamacpp" else [])
+    try:
+        for spec in specs:
+            check_runs_here(gguf_path(spec), extra_buffers_enabled())
+    except FedPTError as err:
+        in_use = {key for key in ("large_backend", "small_proxy_backend") if getattr(model, key) == "llamacpp"}
+        if not in_use <= model.chosen_by_auto:
+            raise  # asked for by name: the user decides
+        print(f"note: 'auto' runs the models in torch, not llama.cpp: {err}", file=sys.stderr)
+        if model.large_backend == "llamacpp":
+            model.large_backend = "local"
+        model.small_proxy_backend = "torch"
 
 
 def check_memory(cfg: FedPTConfig) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,98 @@ def _init_backend(llama_cpp: Any) -> None:
         _initialised = True
 
 
+# -- llama.cpp on every CPU ------------------------------------------------------------------
+#
+# llama.cpp's "extra buffer types" hold weights repacked for the CPU at load: CPU_REPACK (the
+# interleaved Q4_0/Q4_K/IQ4_NL layouts for AVX2/AVX-512, faster matmuls) and, on Intel CPUs with
+# AMX, the AMX buffer type. The AMX one segfaults in ``ggml_backend_amx_mul_mat`` on
+# Sapphire-Rapids-class CPUs with K-quants (our Qwen GGUFs are Q4_K/Q6_K): seen on this
+# project's AMX machine, in the first prefill of the real large GGUF. llama.cpp has one switch
+# for both (``use_extra_bufts``), so "auto" turns it off on AMX CPUs only and keeps repacking
+# everywhere else. Cost and gain, measured: docs/performance.md.
+
+EXTRA_BUFFERS_ENV = "FEDPT_LLAMACPP_EXTRA_BUFFERS"
+# Fault injection for tests (as FEDPT_KILL_AT): the check's child dies by this signal after loading.
+PROBE_FAULT_ENV = "FEDPT_FAULT_LLAMACPP_CHECK"
+_PROBE_TIMEOUT = 600.0  # seconds: a 1.5B GGUF loads and decodes 4 tokens in a few seconds
+
+
+def extra_buffers_enabled(setting: str | None = None, flags: frozenset[str] | None = None) -> bool:
+    """Whether llama.cpp may repack weights into its extra buffer types (``FEDPT_LLAMACPP_EXTRA_BUFFERS``).
+
+    ``on`` / ``off`` force it; ``auto`` (the default) is off on CPUs with AMX, on elsewhere.
+    """
+    from fedpt.cpu import has_amx
+
+    value = (os.environ.get(EXTRA_BUFFERS_ENV, "auto") if setting is None else setting).strip().lower()
+    if value not in ("auto", "on", "off"):
+        raise FedPTError(f"{EXTRA_BUFFERS_ENV}={value!r}: expected auto, on or off")
+    if value == "auto":
+        return not has_amx(flags)
+    return value == "on"
+
+
+def check_runs_here(gguf: Path, extra_buffers: bool) -> None:
+    """Load ``gguf`` and decode a few tokens in a child process before this process does.
+
+    A llama.cpp kernel that does not run on this CPU (the AMX buffer type on Sapphire Rapids, a
+    build compiled with ``-march=native`` for another CPU: SIGSEGV, SIGILL) kills the process
+    that calls it; here it kills the child, and the caller gets one line. A success is cached
+    per (file, bindings, CPU, setting) under ``$FEDPT_HOME/llamacpp-checks``, so it costs once.
+    """
+    import hashlib
+    import signal
+    import subprocess
+    import sys
+
+    from fedpt.cpu import cpu_summary
+    from fedpt.models.loading import fedpt_home
+
+    library = Path(_bindings().__file__).resolve().parent
+    libs = sorted(library.glob("lib/*.so*")) or sorted(library.glob("*.so*"))
+    stamp = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in libs]
+    stat = gguf.stat() if gguf.is_file() else None
+    if stat is None:
+        return  # missing file: the in-process load says so in its own words
+    key = hashlib.sha256(json.dumps([str(gguf.resolve()), stat.st_size, stat.st_mtime_ns, stamp, cpu_summary(),
+                                     extra_buffers]).encode()).hexdigest()[:24]
+    marker = fedpt_home() / "llamacpp-checks" / f"{key}.ok"
+    injected = bool(os.environ.get(PROBE_FAULT_ENV))
+    if marker.is_file() and not injected:
+        return
+    env = {**os.environ, EXTRA_BUFFERS_ENV: "on" if extra_buffers else "off", "OMP_NUM_THREADS": "1"}
+    child = subprocess.run([sys.executable, "-m", "fedpt.models.llamacpp", str(gguf)], env=env,
+                           capture_output=True, text=True, timeout=_PROBE_TIMEOUT)
+    if child.returncode == 0 and not injected:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"{gguf}\n{cpu_summary()}\nextra buffers: {extra_buffers}\n")
+        return
+    if child.returncode < 0:  # killed by a signal: the crash this check exists for
+        name = signal.Signals(-child.returncode).name
+        switch = (f"; or keep llama.cpp without its repacked/AMX weight buffers: {EXTRA_BUFFERS_ENV}=off"
+                  if extra_buffers else "")
+        raise FedPTError(f"llama.cpp crashed ({name}) decoding {gguf.name} on this CPU ({cpu_summary()}): run the "
+                         f"model in torch (model.large_backend = 'local', model.small_proxy_backend = 'torch'){switch}")
+    # An ordinary error (a broken file, ...): the in-process load reports it in its own words.
+
+
+def _probe_main(path: str) -> None:
+    """``python -m fedpt.models.llamacpp FILE``: the child of ``check_runs_here``."""
+    model = LlamaCppModel(Path(path), threads=1, probe=False)
+    if fault := os.environ.get(PROBE_FAULT_ENV):
+        import signal
+
+        os.kill(os.getpid(), signal.Signals[fault])  # as the AMX kernel's SIGSEGV would
+    source = model.source()
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]) % model.n_vocab
+    logits = source.prefill(ids, torch.ones_like(ids))
+    logits = source.step(logits.argmax(-1).view(1, 1))
+    if not torch.isfinite(logits).all():
+        raise SystemExit(f"llama.cpp gave non-finite logits for {path}")
+    source.close()
+    model.close()
+
+
 class _ClosedWhenCollected:
     """Frees llama.cpp memory when the object goes away, if ``close()`` was not called."""
 
@@ -73,12 +166,16 @@ class _ClosedWhenCollected:
 class LlamaCppModel(_ClosedWhenCollected):
     """A GGUF model loaded once (weights memory-mapped); contexts are made per session."""
 
-    def __init__(self, gguf: Path, threads: int | None = None) -> None:
+    def __init__(self, gguf: Path, threads: int | None = None, probe: bool = True) -> None:
         llama_cpp = _bindings()
-        _init_backend(llama_cpp)
         self.lib, self.path = llama_cpp, Path(gguf)
+        self.extra_buffers = extra_buffers_enabled()
+        if probe:  # a kernel that crashes on this CPU must cost one line, not the process
+            check_runs_here(self.path, self.extra_buffers)
+        _init_backend(llama_cpp)
         self.threads = threads or torch.get_num_threads()
         params = llama_cpp.llama_model_default_params()
+        params.use_extra_bufts = self.extra_buffers
         self.model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.model:
             raise FedPTError(f"llama.cpp could not load {self.path}: not a GGUF model it supports "
@@ -403,3 +500,9 @@ def _add_vocabulary(writer: Any, model_dir: Path, vocab_size: int) -> None:
         value = config.get(key)
         if isinstance(value, int):
             add(value)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _probe_main(sys.argv[1])

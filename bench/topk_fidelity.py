@@ -1,7 +1,7 @@
 """How much proxy-tuning through a top-k log-probability API loses against full logits, and what it costs.
 
     python bench/topk_fidelity.py --run RUN_DIR [--system fedpt] [--ks 5,20,100] [--prompts 16]
-        [--speed-prompts 2] [--speed-tokens 16] [--out runs/topk-fidelity]
+        [--speed-prompts 2] [--speed-tokens 16] [--server fedpt|llama-cpp-python] [--out runs/topk-fidelity]
 
 RUN_DIR is a finished ``fedpt run`` (its ``config.toml`` and ``<system>/adapter``). Two parts:
 
@@ -16,7 +16,9 @@ RUN_DIR is a finished ``fedpt run`` (its ``config.toml`` and ``<system>/adapter`
 2. Speed: proxy-tuned greedy decoding at batch 1 through ``OpenAITopKSource`` against a real
    ``fedpt serve --model <large>`` process on 127.0.0.1 (each k of ``--ks``), divided by the
    same decoding with the local backend, same prompts, interleaved. The stateless API resends
-   every sequence each step, so this ratio falls as sequences grow.
+   every sequence each step, so this ratio falls as sequences grow. ``--server llama-cpp-python``
+   runs llama-cpp-python's own server on the large model's GGUF instead (text prompts only); the
+   Rouge-L of the API's outputs is reported next to the offline top-k's.
 
 Prints a Markdown table and writes ``topk_fidelity.json`` and ``topk_fidelity.md`` to ``--out``.
 """
@@ -97,47 +99,63 @@ def decode_set(source, tokenizer, examples, cfg) -> tuple[list[list[int]], float
 
 
 def speed(cfg, tokenizer, large, small, vocab_size: int, examples, ks: list[int], prompts: int, tokens: int,
-          out: Path) -> dict:
-    """Tokens/s at batch 1: the OpenAI top-k backend on our own server, per k, ÷ the local backend
+          out: Path, server: str = "fedpt") -> dict:
+    """Tokens/s at batch 1: the OpenAI top-k backend on a real server, per k, ÷ the local backend
     (full logits, KV cache); same prompts, interleaved per prompt. Also checks that the API's tokens
-    equal the offline top-k restriction's."""
+    equal the offline top-k restriction's, and scores both. ``server``: ``fedpt`` (``fedpt serve
+    --model``, token ids) or ``llama-cpp-python`` (``python -m llama_cpp.server`` on the large
+    model's GGUF file: text prompts only, one per request)."""
     from fedpt.models.logits import LocalLogitSource, MixedAdapterDiff
     from fedpt.models.openai_topk import OpenAITopKSource, TopKRestricted
     from fedpt.proxy import ProxyTunedLM
-    from fedpt.serving.launch import launch
+    from fedpt.serving.launch import launch, launch_llama_cpp_server
 
     speed_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_new_tokens=tokens, batch_size=1))
     alpha = cfg.proxy.alpha
-    served = launch(["--model", cfg.model.large, "--dtype", cfg.model.dtype, "--max-logprobs", str(max(max(ks), 1))],
-                    log=out / "serve.log")
+    if server == "llama-cpp-python":
+        from fedpt.models.llamacpp import gguf_path
+
+        served = launch_llama_cpp_server(gguf_path(cfg.model.large), threads=torch.get_num_threads(),
+                                         log=out / "llama-cpp-server.log")
+    else:
+        served = launch(["--model", cfg.model.large, "--dtype", cfg.model.dtype, "--max-logprobs",
+                         str(max(max(ks), 1))], log=out / "serve.log")
     url = served.url + "/v1"
-    local = {"seconds": 0.0, "tokens": 0}
-    per_k = {k: {"seconds": 0.0, "tokens": 0, "same": 0} for k in ks}
+    local = {"seconds": 0.0, "tokens": 0, "rouge": 0.0}
+    per_k = {k: {"seconds": 0.0, "tokens": 0, "same": 0, "rouge": 0.0, "rouge_offline": 0.0} for k in ks}
     sources = {}
     try:
         sources = {k: OpenAITopKSource(url, "", k, tokenizer, vocab_size) for k in ks}
         for example in examples[:prompts]:
-            ids, _, sec = decode_set(ProxyTunedLM(LocalLogitSource(large), MixedAdapterDiff(small), alpha),
-                                     tokenizer, [example], speed_cfg)
+            ids, rouge, sec = decode_set(ProxyTunedLM(LocalLogitSource(large), MixedAdapterDiff(small), alpha),
+                                         tokenizer, [example], speed_cfg)
             local["seconds"] += sec
             local["tokens"] += len(ids[0])
+            local["rouge"] += rouge
             for k in ks:
-                ids_api, _, sec = decode_set(ProxyTunedLM(sources[k].fork(), MixedAdapterDiff(small), alpha),
-                                             tokenizer, [example], speed_cfg)
-                ids_off, _, _ = decode_set(ProxyTunedLM(TopKRestricted(LocalLogitSource(large), k),
-                                                        MixedAdapterDiff(small), alpha), tokenizer, [example],
-                                           speed_cfg)
+                ids_api, rouge, sec = decode_set(ProxyTunedLM(sources[k].fork(), MixedAdapterDiff(small), alpha),
+                                                 tokenizer, [example], speed_cfg)
+                ids_off, rouge_off, _ = decode_set(ProxyTunedLM(TopKRestricted(LocalLogitSource(large), k),
+                                                                MixedAdapterDiff(small), alpha), tokenizer, [example],
+                                                   speed_cfg)
                 per_k[k]["seconds"] += sec
                 per_k[k]["tokens"] += len(ids_api[0])
                 per_k[k]["same"] += ids_api == ids_off
+                per_k[k]["rouge"] += rouge
+                per_k[k]["rouge_offline"] += rouge_off
     finally:
         served.stop(timeout=120)
     local_rate = local["tokens"] / local["seconds"]
-    return {"prompts": prompts, "max_new_tokens": tokens, "local_tokens_per_s": local_rate,
+    n = len(examples[:prompts])
+    return {"server": server, "prompts": prompts, "max_new_tokens": tokens, "local_tokens_per_s": local_rate,
+            "local_rouge_l": local["rouge"] / n,
             "per_k": {k: {"tokens_per_s": v["tokens"] / v["seconds"], "ratio": v["tokens"] / v["seconds"] / local_rate,
-                          "api_equals_offline_topk": f"{v['same']}/{prompts}", "requests": sources[k].stats.requests,
+                          "api_equals_offline_topk": f"{v['same']}/{prompts}", "rouge_l_api": v["rouge"] / n,
+                          "rouge_l_offline_topk": v["rouge_offline"] / n, "requests": sources[k].stats.requests,
                           "prompt_tokens_sent": sources[k].stats.prompt_tokens, "unmapped": sources[k].stats.unmapped,
-                          "token_ids_extension": sources[k].token_ids_extension}
+                          "retokenized": sources[k].stats.retokenized, "refetched": sources[k].stats.refetched,
+                          "token_ids_extension": sources[k].token_ids_extension,
+                          "token_id_prompts": sources[k].traits.id_prompts}
                       for k, v in per_k.items()}}
 
 
@@ -188,6 +206,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/topk-fidelity"))
     parser.add_argument("--speed-only", action="store_true",
                         help="only the tokens/s part (writes topk_speed.json): e.g. after a server change")
+    parser.add_argument("--server", choices=("fedpt", "llama-cpp-python"), default="fedpt",
+                        help="the top-k server of the speed part: fedpt serve --model, or llama-cpp-python's own "
+                             "(python -m llama_cpp.server on the large model's GGUF; pip install 'fedpt[llamacpp]')")
     parser.add_argument("--teacher-forced", action="store_true",
                         help="only KL / mass / agreement on reference responses (one scoring pass, no decoding)")
     args = parser.parse_args()
@@ -218,7 +239,7 @@ def main() -> None:
     if args.speed_only:
         result = {"run": str(args.run), "models": [cfg.model.small, cfg.model.large], "dtype": cfg.model.dtype,
                   "speed": speed(cfg, tokenizer, large, small, vocab_size, next(iter(eval_sets.values())), ks,
-                                 args.speed_prompts, args.speed_tokens, args.out),
+                                 args.speed_prompts, args.speed_tokens, args.out, args.server),
                   "seconds": time.perf_counter() - started, "load_average_at_end": os.getloadavg()}
         (args.out / "topk_speed.json").write_text(json.dumps(result, indent=2))
         print(json.dumps(result, indent=2))
@@ -280,7 +301,7 @@ def main() -> None:
     speed_result = None
     if args.speed_prompts:
         speed_result = speed(cfg, tokenizer, large, small, vocab_size, next(iter(eval_sets.values())),
-                             ks, args.speed_prompts, args.speed_tokens, args.out)
+                             ks, args.speed_prompts, args.speed_tokens, args.out, args.server)
 
     print(save(speed_result))
 
@@ -315,7 +336,8 @@ def to_markdown(result: dict) -> str:
         sent = ", ".join(f"top-{k}: {v['requests']} requests / {v['prompt_tokens_sent']} prompt tokens"
                          for k, v in speed["per_k"].items())
         notes.append(f"Tokens/s: proxy-tuned greedy decoding at batch 1, {speed['prompts']} prompts × up to "
-                     f"{speed['max_new_tokens']} tokens, through `OpenAITopKSource` against a real `fedpt serve` "
+                     f"{speed['max_new_tokens']} tokens, through `OpenAITopKSource` against a real "
+                     f"{'`python -m llama_cpp.server`' if speed.get('server') == 'llama-cpp-python' else '`fedpt serve`'} "
                      f"on 127.0.0.1 ÷ the local backend (same prompts, interleaved). API outputs equal the offline "
                      f"top-k ones on {checks}. Sent: {sent} (the stateless API resends every sequence each step).")
     return "\n".join(lines) + "\n" + "\n".join(notes) + "\n"

@@ -10,11 +10,6 @@ token j (entry 0 null). Every comparison is against the tiny large model run loc
 from __future__ import annotations
 
 import copy
-import re
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,7 +23,7 @@ from fedpt.models.logits import LocalLogitSource, MixedAdapterDiff  # noqa: E402
 from fedpt.models.lora import attach_lora  # noqa: E402
 from fedpt.models.openai_topk import CALIBRATION_PROBE, OpenAITopKSource, TopKRestricted  # noqa: E402
 from fedpt.proxy import Decoding, ProxyTunedLM, decode, stop_token_ids  # noqa: E402
-from fedpt.serving.launch import stop_process_group  # noqa: E402
+from fedpt.serving.launch import launch_llama_cpp_server  # noqa: E402
 
 # llama.cpp runs the f32 GGUF in its own kernels with an f16 KV cache: its log-probabilities agree
 # with torch's fp32 to a few thousandths on these models (tests/test_llamacpp.py), not bit for bit.
@@ -38,39 +33,16 @@ PROMPTS = ["### Instruction:\nName a fruit.\n\n### Response:\n", "Tell me about 
 
 @pytest.fixture(scope="module")
 def llama_server(fedpt_home, tmp_path_factory):
-    """``python -m llama_cpp.server`` on 127.0.0.1 (a free port: uvicorn binds port 0 and logs which)
-    with the tiny large model exported to GGUF by FedPT's own export; stopped with its process group."""
+    """``python -m llama_cpp.server`` on 127.0.0.1 (a free port) with the tiny large model exported
+    to GGUF by FedPT's own export; stopped (its whole process group) when the module is done."""
     from fedpt.models.llamacpp import gguf_path
 
-    gguf = gguf_path("tiny-large")
-    log = tmp_path_factory.mktemp("llama-server") / "server.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", "0",
-             "--n_threads", "1", "--n_threads_batch", "1", "--verbose", "False"],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    server = launch_llama_cpp_server(gguf_path("tiny-large"), threads=1,
+                                     log=tmp_path_factory.mktemp("llama-server") / "server.log", timeout=120)
     try:
-        yield _wait_until_serving(process, log) + "/v1"
+        yield server.url + "/v1"
     finally:
-        stop_process_group(process)
-
-
-def _wait_until_serving(process: subprocess.Popen, log: Path, timeout: float = 120.0) -> str:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"llama_cpp.server exited with {process.returncode}: {log.read_text()[-2000:]}")
-        found = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", log.read_text())
-        if found:
-            try:
-                httpx.get(found.group(1) + "/v1/models", timeout=10)
-                return found.group(1)
-            except httpx.TransportError:
-                pass
-        time.sleep(0.1)
-    pytest.fail(f"llama_cpp.server did not answer in {timeout:.0f} s: {log.read_text()[-2000:]}")
+        server.stop()
 
 
 def _local_logprobs(large, sequence: list[int]) -> torch.Tensor:

@@ -374,7 +374,10 @@ class OpenAITopKSource:
             other = self.mapper.show(theirs[t])
         else:
             their_id = self.mapper.to_id(theirs[t])
-            other = f"{theirs[t]!r}" + (f" (id {their_id})" if their_id is not None else "")
+            if their_id is not None and theirs[t].startswith(TOKEN_ID_PREFIX):
+                other = self.mapper.show(their_id)
+            else:
+                other = f"{theirs[t]!r}" + (f" (id {their_id})" if their_id is not None else "")
         return f"token {t} of {len(ours)} (ours) / {len(theirs)} (theirs): ours {mine}, theirs {other}"
 
     def _retokenized(self, ours: list[int], theirs: list[str] | list[int]) -> None:

@@ -99,6 +99,47 @@ def launch(args: list[str], env: dict[str, str] | None = None, log: Path | None 
         raise
 
 
+def launch_llama_cpp_server(gguf: Path, threads: int = 1, log: Path | None = None, timeout: float = 300.0,
+                            args: list[str] | None = None) -> ServeProcess:
+    """llama-cpp-python's own OpenAI-compatible server (``python -m llama_cpp.server``, the
+    ``[llamacpp]`` extra) on 127.0.0.1 with a GGUF file: a third-party top-k black box for FedPT's
+    ``openai`` backend (tests, ``bench/topk_fidelity.py --server llama-cpp-python``). Uvicorn binds
+    port 0 and logs the port it got; the server runs in a process group of its own (``stop``)."""
+    import re
+
+    import httpx
+
+    if log is None:
+        handle, name = tempfile.mkstemp(prefix="llama-cpp-server-", suffix=".log")
+        os.close(handle)
+        log = Path(name)
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", "0",
+             "--n_threads", str(threads), "--n_threads_batch", str(threads), "--verbose", "False", *(args or [])],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    server = ServeProcess(process, "", log)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if process.poll() is not None:
+                raise FedPTError(f"llama_cpp.server exited with {process.returncode}: {_tail(log)}")
+            found = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", log.read_text(errors="replace"))
+            if found:
+                server.url = found.group(1)
+                try:
+                    httpx.get(server.url + "/v1/models", timeout=30)
+                    return server
+                except httpx.TransportError:
+                    pass
+            if time.monotonic() > deadline:
+                raise FedPTError(f"llama_cpp.server did not answer in {timeout:.0f} s; see {log}")
+            time.sleep(0.1)
+    except BaseException:
+        server.stop()
+        raise
+
+
 def _tail(log: Path, lines: int = 5) -> str:
     text = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
     return " | ".join(text[-lines:]) or "(no output)"

@@ -56,11 +56,38 @@ def test_a_round_with_30_percent_of_devices_failing_completes(tmp_path):
     assert summary["systems"]["fedpt"]["final"]["round"] == 2
 
 
-def test_faults_exit_is_refused_in_the_simulation(tmp_path, capsys):
-    assert main(["run", "--preset", "tiny", "--no-progress", "--out", str(tmp_path / "x"), *FAST,
-                 "--set", "faults.exit=0.1"]) == 2
-    assert "faults.exit kills a Ray worker" in capsys.readouterr().err
-    assert not (tmp_path / "x").exists()  # refused before anything was written
+# Faults seed 2 (found by search): in round 1 device 2's process exits (os._exit, as a power loss
+# or the OOM killer ends it); round 2 has no fault.
+EXIT_SEED = 2
+
+
+@pytest.mark.slow
+def test_a_dead_device_process_is_replaced_and_its_loss_is_recorded(tmp_path, capsys):
+    """Flower's Ray pool kept a dead actor and routed later devices to it: every later round
+    silently trained fewer devices. Now the lost device round is recorded with its reason (in
+    the round, the summary and the table) and the next round trains all four devices again."""
+    import psutil
+
+    from fedpt.federation.actor_pool import replace_dead_actors
+
+    assert [device_fault(EXIT_SEED, 0, 0, 0.25, 1, dev) for dev in range(4)] == [None, None, "exit", None]
+    assert [device_fault(EXIT_SEED, 0, 0, 0.25, 2, dev) for dev in range(4)] == [None] * 4
+    out = tmp_path / "exit"
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    assert main(["run", "--preset", "tiny", "--no-progress", "--out", str(out), *FAST,
+                 "--set", "run.systems=['fedpt']", "--set", "federation.num_clients=4",
+                 "--set", "federation.clients_per_round=4", "--set", "federation.min_results=1",
+                 "--set", f"faults.seed={EXIT_SEED}", "--set", "faults.exit=0.25"]) == 0
+    rows = {r["round"]: r for r in map(json.loads, (out / "rounds.jsonl").read_text().splitlines())}
+    assert (rows[1]["clients"], rows[1]["failures"]) == (3, 1)
+    assert len(rows[1]["problems"]) == 1 and "error: its process died (Ray: ActorDiedError" in rows[1]["problems"][0]
+    assert sorted(rows[1]["partitions"]) == [0, 1, 3]  # the device whose process exited is the one missing
+    assert (rows[2]["clients"], rows[2]["failures"], rows[2]["problems"]) == (4, 0, [])  # not silently fewer
+    devices = json.loads((out / "summary.json").read_text())["systems"]["fedpt"]["device_rounds"]
+    assert (devices["trained"], devices["lost"]) == (7, 1) and devices["why"][0].startswith("round 1: node ")
+    assert "fedpt: 1 of 8 device rounds lost (first: round 1: node " in capsys.readouterr().out
+    replace_dead_actors()  # idempotent: patched once per process
+    assert {p.pid for p in psutil.Process().children(recursive=True)} <= before  # no Ray process left
 
 
 def test_a_device_sends_only_its_adapter_and_counts(tiny_cfg, fedpt_home):

@@ -190,9 +190,6 @@ def run(cfg: FedPTConfig, out_dir: Path, overwrite: bool = False, verbose: bool 
     from fedpt.federation.simulation import simulate
     from fedpt.progress import Progress
 
-    if cfg.faults.exit:
-        raise FedPTError("faults.exit kills a Ray worker that hosts several simulated devices, and Flower's "
-                         "simulation does not restart it; use faults.crash here (exit is for real SuperNodes)")
     with prepared_run(cfg, out_dir, overwrite=overwrite, resume=resume) as eval_sizes:
         progress = Progress(cfg.run.systems, cfg.federation.rounds, enabled=show_progress)
         start = time.perf_counter()
@@ -255,6 +252,10 @@ def write_summary(out_dir: Path, cfg: FedPTConfig, records: list[RoundRecord], e
             "predictions": str(out_dir / name / "predictions"),
             "adapter": str(out_dir / name / "adapter"),
             "rounds_run": final.round if final else 0,
+            # device rounds whose update was not aggregated (crash, death, timeout, rejected): never silent
+            "device_rounds": {"trained": sum(r.clients for r in rows if r.round > 0),
+                              "lost": sum(r.failures for r in rows if r.round > 0),
+                              "why": [f"round {r.round}: {p}" for r in rows if r.round > 0 for p in r.problems]},
             "target_rouge_l": {"target": target or None,
                                "reached": target_met(cfg, name, [r.__dict__ for r in rows]) if target else None},
         }
@@ -319,6 +320,10 @@ def format_table(summary: dict) -> str:
                          f"{cell(before.get('large'), b_ci.get('large'))}{cell(now.get('small'), a_ci.get('small'))}"
                          f"{cell(now.get('proxy'), a_ci.get('proxy'))}{cell(now.get('large'), a_ci.get('large'))}")
     lines.append("small = tuned small LM; proxy = large LM proxy-tuned by it; large = large LM tuned directly")
+    lost = {n: i["device_rounds"] for n, i in summary["systems"].items() if (i.get("device_rounds") or {}).get("lost")}
+    for name, devices in lost.items():
+        lines.append(f"{name}: {devices['lost']} of {devices['trained'] + devices['lost']} device rounds lost "
+                     f"(first: {devices['why'][0]}); all in rounds.jsonl 'problems'")
     target = {n: i["target_rouge_l"] for n, i in summary["systems"].items() if (i.get("target_rouge_l") or {}).get("target")}
     if target:
         lines.append("target Rouge-L: " + ", ".join(

@@ -18,6 +18,7 @@ def simulate(cfg: FedPTConfig, out_dir: Path | None, progress: Progress | None =
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
+    from fedpt.federation.actor_pool import replace_dead_actors
     from fedpt.federation.client_app import app as client_app
     from fedpt.federation.driver import run_systems
 
@@ -55,6 +56,7 @@ def simulate(cfg: FedPTConfig, out_dir: Path | None, progress: Progress | None =
     # SuperExec on a port of this machine. `flwr run .` is supported as the other way in
     # (`fedpt.federation.server_app`): same preparation, same rounds.
     _start_ray(backend_config["init_args"])
+    replace_dead_actors()  # a device process killed (e.g. for memory) must not silently cost every later round
     try:  # Flower re-raises the ServerApp's error here, or only logs it: catch both ways
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.num_clients,
                        backend_config=backend_config, verbose_logging=verbose)

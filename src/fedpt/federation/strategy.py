@@ -452,6 +452,11 @@ def _error_reason(message: Message) -> str | None:
     else:  # "<class 'ray.exceptions.ActorDiedError'>:<'The actor died ...'>"
         wrapped = _WRAPPED.match(lines[0]) if lines else None
         cause = f"{wrapped[1].rsplit('.', 1)[-1]}: {wrapped[2]}" if wrapped else (lines[0] if lines else "unknown")
+    if "ActorDiedError" in cause or "RayActorError" in cause:  # the device's process is gone, not an exception
+        # Ray's memory monitor says so; a kernel OOM kill (SIGKILL) looks like any other death
+        oom = "running low on memory" in message.error.reason or "OutOfMemoryError" in message.error.reason
+        why = "out of memory" if oom else "its process died"
+        return f"error: {why} (Ray: {_short(cause)})"[:240]
     return f"error: {cause.rsplit('.', 1)[-1] if ': ' not in cause else _short(cause)}"[:240]
 
 

@@ -119,10 +119,17 @@ def test_evaluate_rouge_sampling_protocol_is_the_mean_over_prompts_and_seeds(tin
 
 
 def test_evaluate_rouge_greedy_protocol_is_one_decode(tiny_pair, tiny_cfg):
+    from fedpt.proxy import stop_token_ids
+
+    from .test_train_distill import StopAt
+
     tokenizer, _, large = tiny_pair
-    source = LocalLogitSource(large)
+    # Never a stop token: every answer is 10 tokens long, wherever this CPU's rounding would have
+    # made the tiny model stop (an empty answer would have no Rouge tokens).
+    source = StopAt(LocalLogitSource(large), tokenizer.eos_token_id, stop_token_ids(tokenizer), at=set())
     prompts = [format_prompt(ex, tiny_cfg.data.template, tokenizer) for ex in EXAMPLES]
     ids = generate_ids(source, tokenizer, prompts, Decoding(max_new_tokens=10), 8, tiny_cfg.data.max_prompt_tokens)
+    assert [len(row) for row in ids] == [10] * len(EXAMPLES)
     answers = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
     # Prompt 0's reference is its own greedy answer (F = 1); the others' share nothing with it.
     examples = [replace(EXAMPLES[0], references=(answers[0],)),

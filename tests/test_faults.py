@@ -1,6 +1,7 @@
 """Device faults injected into the Flower simulation runtime, what a device sends, central DP end to end."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -21,22 +22,63 @@ def test_device_faults_are_seeded_and_follow_their_rates():
 
 # Faults seed 218 (found by search): no fault in round 1, and in round 2 devices 3 and 7 crash and
 # device 2 hangs: 30% of the federation fails that round.
-FAULT_SEED, ROUND_TIMEOUT, HANG_SECONDS = 218, 60, 62
+FAULT_SEED, HANGS = 218, {1: 0, 2: 1}
+ROUND_TIMEOUT = HANG_SECONDS = 600  # never reached: the test's clock and release decide (below)
+
+
+class _GridClock:
+    """``time`` for Flower's in-memory grid: the round's wait times out the moment every device that
+    does not hang has replied, and never before. The verdict cannot depend on the machine's speed."""
+
+    def __init__(self) -> None:
+        self.expired = False
+
+    def time(self) -> float:
+        return time.time() + (10 * ROUND_TIMEOUT if self.expired else 0.0)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
 
 
 @pytest.mark.slow
-def test_a_round_with_30_percent_of_devices_failing_completes(tmp_path):
-    """10 devices, 2 rounds. Round 1 (no fault) starts the Ray workers, so round 2's timeout is
-    not spent on start-up. The hang is a timeout by construction, however loaded the machine: the
-    hung device replies at least HANG_SECONDS after the round's messages went out, and the server
-    stops waiting ROUND_TIMEOUT < HANG_SECONDS after that. The 7 healthy devices (2 steps of a tiny
-    model each, on the worker the hang leaves free) have all of ROUND_TIMEOUT to reply, as have
-    round 1's ten while the Ray workers start (~15 s on the idle 2-core machine). Flower's
-    simulation cannot stop while a device still hangs, so a hang must end: HANG_SECONDS does."""
-    out = tmp_path / "faulty"
+def test_a_round_with_30_percent_of_devices_failing_completes(tmp_path, monkeypatch):
+    """10 devices, 2 rounds; in round 2 two devices crash and one hangs. The server's wait ends on
+    its round timeout (here: a clock that expires as soon as the 9 devices that do not hang have
+    replied), and the hung device is released only after that (FEDPT_RELEASE_HANGS): it replies
+    after the server stopped waiting, by construction, however loaded or fast the machine is."""
+    import flwr.superlink.grid.inmemory_grid as inmemory
+
+    out, release = tmp_path / "faulty", tmp_path / "release-hangs"
     faults = {rnd: {dev: device_fault(FAULT_SEED, 0.2, 0.1, 0.0, rnd, dev) for dev in range(10)} for rnd in (1, 2)}
     assert set(faults[1].values()) == {None}
     assert {dev: f for dev, f in faults[2].items() if f} == {2: "hang", 3: "crash", 7: "crash"}
+    assert HANGS == {rnd: list(f.values()).count("hang") for rnd, f in faults.items()}
+
+    clock, waiting = _GridClock(), {}
+    pull, send_and_receive = inmemory.InMemoryGrid.pull_messages, inmemory.InMemoryGrid.send_and_receive
+
+    def counted_pull(self, message_ids):
+        replies = list(pull(self, message_ids))
+        waiting["replies"] += len(replies)
+        clock.expired = waiting["replies"] >= waiting["expected"]
+        return replies
+
+    def round_trip(self, messages, *, timeout=None):
+        messages = list(messages)
+        train = [m for m in messages if m.metadata.message_type == "train"]
+        server_round = int(train[0].content["config"]["server-round"]) if train else 0
+        waiting.update(replies=0, expected=len(messages) - HANGS.get(server_round, 0))
+        clock.expired = False
+        try:
+            return send_and_receive(self, messages, timeout=timeout)
+        finally:
+            if HANGS.get(server_round):
+                release.touch()  # the server stopped waiting: the hung device may reply now
+
+    monkeypatch.setattr(inmemory, "time", clock)
+    monkeypatch.setattr(inmemory.InMemoryGrid, "pull_messages", counted_pull)
+    monkeypatch.setattr(inmemory.InMemoryGrid, "send_and_receive", round_trip)
+    monkeypatch.setenv("FEDPT_RELEASE_HANGS", str(release))
     assert main(["run", "--preset", "tiny", "--no-progress", "--out", str(out), *FAST,
                  "--set", "run.systems=['fedpt']", "--set", "federation.num_clients=10",
                  "--set", "federation.clients_per_round=10", "--set", "federation.min_results=5",
@@ -51,6 +93,7 @@ def test_a_round_with_30_percent_of_devices_failing_completes(tmp_path):
     assert reported == [f"InjectedFault: injected crash (device {dev}, round 2)" for dev in (3, 7)]  # who and why
     assert sum("no reply within the round timeout" in p for p in row["problems"]) == 1  # the hung device
     assert (row["clients"], row["failures"]) == (7, 3)
+    assert sorted(row["partitions"]) == [0, 1, 4, 5, 6, 8, 9]
     assert row["train_loss"] > 0 and row["rougeL_proxy"] is not None
     summary = json.loads((out / "summary.json").read_text())
     assert summary["systems"]["fedpt"]["final"]["round"] == 2

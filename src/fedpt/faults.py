@@ -92,9 +92,18 @@ def inject_device_faults(msg: Message, context: Context,
     if fault == "exit":
         os._exit(17)  # the process dies without a word, as on a power loss
     reply = call_next(msg, context)
-    if fault == "hang":
-        time.sleep(faults.hang_seconds)  # replies, but after the server stopped waiting
+    if fault == "hang":  # replies, but after the server stopped waiting
+        _hang(faults.hang_seconds)
     return reply
+
+
+def _hang(seconds: float) -> None:
+    """Sleep ``seconds``, or until the file ``FEDPT_RELEASE_HANGS`` names exists (tests release a
+    hung device when the server has stopped waiting for it: an event, not a race with a timer)."""
+    release = os.environ.get("FEDPT_RELEASE_HANGS")
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and not (release and os.path.exists(release)):
+        time.sleep(min(0.2, max(0.0, end - time.monotonic())))
 
 
 def check_kill_point_env() -> None:

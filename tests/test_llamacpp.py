@@ -291,3 +291,82 @@ def test_auto_falls_back_to_torch_where_llamacpp_crashes(tmp_path, monkeypatch, 
     errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("error: llama.cpp crashed (SIGSEGV)"), errors
     assert not named.exists()  # refused before anything was written
+
+
+# -- one evaluation engine for every model (issue 19) ---------------------------------------------
+
+
+def test_large_lm_with_lora_adapter_in_llamacpp_equals_peft(tiny_pair, tiny_cfg, tmp_path):
+    """fedavg-large's tuned large LM as llama.cpp evaluates it (the large GGUF plus the adapter
+    exported to GGUF) gives peft's logits, for a nonzero adapter whose effect is far above the
+    tolerance (a doubled alpha, a sign or a transposition fails it)."""
+    from fedpt.bench import with_random_lora
+    from fedpt.models.llamacpp import LlamaCppModel, export_lora_gguf, gguf_path
+    from fedpt.models.loading import load_model
+
+    tokenizer = tiny_pair[0]
+    large = with_random_lora(load_model("tiny-large", "float32"), tiny_cfg.lora, scale=0.05)
+    engine = LlamaCppModel(gguf_path("tiny-large"), threads=1)
+    tuned = engine.source(engine.load_adapter(export_lora_gguf(large, tmp_path / "large-adapter.gguf")))
+    ids, mask = padded_batch(tokenizer, TEXTS)
+    expected = LocalLogitSource(large).score(ids, mask)  # peft, adapter on
+    base = LocalLogitSource(large, use_adapter=False).score(ids, mask)
+    real = mask.bool()
+    assert (expected - base)[real].abs().max() > 10 * ATOL  # the adapter moves the logits well past the tolerance
+    torch.testing.assert_close(tuned.score(ids, mask)[real], expected[real], atol=ATOL, rtol=0)
+    torch.testing.assert_close(tuned.prefill(ids, mask), expected[:, -1], atol=ATOL, rtol=0)
+
+
+def test_eval_engine_config(monkeypatch):
+    """llamacpp: every evaluated model in llama.cpp (both backends follow), fedavg-large allowed
+    (it trains in torch); a service-backed large LM is refused; auto picks by the CPU's bf16."""
+    import fedpt.models.loading as loading
+
+    cfg = load_config(preset="tiny", overrides=["model.eval_engine=llamacpp", "run.systems=['fedpt','fedavg-large']"])
+    assert (cfg.model.large_backend, cfg.model.small_proxy_backend) == ("llamacpp", "llamacpp")
+    with pytest.raises(FedPTError, match="use model.eval_engine = 'torch'"):
+        load_config(preset="tiny", overrides=["model.eval_engine=llamacpp", "model.large_backend=remote",
+                                              "model.large_url=http://127.0.0.1:1"])
+    with pytest.raises(FedPTError, match="fedavg-large tunes the large LM's weights"):
+        load_config(preset="tiny", overrides=["model.large_backend=llamacpp", "run.systems=['fedavg-large']"])
+    auto = ["model.eval_engine=auto", "model.large_backend=auto", "model.small_proxy_backend=auto"]
+    for fast_bf16, engine, large in ((False, "llamacpp", "llamacpp"), (True, "torch", "local")):
+        monkeypatch.setattr(loading, "fast_bf16_matmul", lambda fast=fast_bf16: fast)
+        cfg = load_config(preset="tiny", overrides=[*auto, "run.systems=['fedpt','fedavg-large']"])
+        assert (cfg.model.eval_engine, cfg.model.large_backend) == (engine, large), fast_bf16
+    monkeypatch.setattr(loading, "fast_bf16_matmul", lambda: False)
+    pinned = load_config(preset="tiny", overrides=["model.eval_engine=auto", "model.large_backend=local"])
+    assert pinned.model.eval_engine == "torch"  # a large LM pinned to torch keeps evaluation in torch
+
+
+@pytest.mark.slow
+def test_fedavg_large_and_fedpt_evaluated_in_llamacpp(tmp_path, monkeypatch):
+    """A run of fedpt and fedavg-large with model.eval_engine = llamacpp: fedavg-large trains in
+    torch and its tuned large LM is scored through llama.cpp with its adapter; every evaluated model
+    ran there (none in torch); config.toml and summary.json say which engine judged what."""
+    import fedpt.models.llamacpp as llamacpp
+    from fedpt.models.logits import LocalLogitSource as Local
+
+    decoded, adapters, torch_scored = [], [], []
+    real_decode, real_export = llamacpp.LlamaCppLogitSource._decode, llamacpp.export_lora_gguf
+    monkeypatch.setattr(llamacpp.LlamaCppLogitSource, "_decode",
+                        lambda self, *args: decoded.append(self.model.path.parent.name) or real_decode(self, *args))
+    monkeypatch.setattr(llamacpp, "export_lora_gguf",
+                        lambda model, out: adapters.append(model.get_base_model().config.hidden_size)
+                        or real_export(model, out))
+    real_prefill = Local.prefill
+    monkeypatch.setattr(Local, "prefill", lambda self, *a: torch_scored.append(1) or real_prefill(self, *a))
+    out = tmp_path / "run"
+    assert main(["run", "--preset", "tiny", "--no-progress", "--out", str(out), *FAST_TINY,
+                 "--set", "run.systems=['fedpt','fedavg-large']", "--set", "federation.rounds=1",
+                 "--set", "model.eval_engine=llamacpp"]) == 0
+    assert not torch_scored, "an evaluated model was decoded in torch"
+    assert {name.split("-v")[0] for name in decoded} == {"tiny-large", "tiny-small"}
+    assert len(set(adapters)) == 2, "both the small and the large LM's adapters went to llama.cpp"
+    saved = load_config(path=out / "config.toml").model
+    assert (saved.eval_engine, saved.large_backend, saved.small_proxy_backend) == ("llamacpp",) * 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["engines"]["large (tuned by fedavg-large)"] == "llama.cpp"
+    rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    large = [r for r in rows if r["system"] == "fedavg-large" and r["round"] == 1]
+    assert large and large[0]["rougeL_large"] is not None and large[0]["clients"] > 0

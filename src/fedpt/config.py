@@ -26,6 +26,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "krum")
 LARGE_BACKENDS = ("local", "llamacpp", "auto", "remote", "openai")
 SMALL_PROXY_BACKENDS = ("torch", "llamacpp", "auto")
+EVAL_ENGINES = ("torch", "llamacpp", "auto")
 
 
 def auto_large_backend(large: str, systems: list[str]) -> str:
@@ -39,6 +40,23 @@ def auto_large_backend(large: str, systems: list[str]) -> str:
     if "fedavg-large" in systems or not _has_gguf(large) or importlib.util.find_spec("llama_cpp") is None:
         return "local"
     return "llamacpp"
+
+
+def auto_eval_engine(model: "ModelConfig") -> str:
+    """``model.eval_engine = "auto"``: the engine that decodes faster on this CPU.
+
+    Measured at batch 8 (the large LM alone): on an AVX2-only EPYC llama.cpp is 2.2x torch fp32;
+    on an AMX Xeon torch bf16 is 1.3x llama.cpp; docs/performance.md has this CPU's row. So
+    llama.cpp where torch has no fast bf16 matmuls, torch where it has; torch when llama.cpp cannot
+    run both models (no bindings, no GGUF file, a backend that is not local).
+    """
+    import importlib.util
+
+    from fedpt.models.loading import fast_bf16_matmul
+
+    usable = (importlib.util.find_spec("llama_cpp") is not None and _has_gguf(model.large) and _has_gguf(model.small)
+              and model.large_backend in ("auto", "llamacpp") and model.small_proxy_backend in ("auto", "llamacpp"))
+    return "llamacpp" if usable and not fast_bf16_matmul() else "torch"
 
 
 def _has_gguf(spec: str) -> bool:
@@ -77,6 +95,15 @@ class ModelConfig:
     # GGUF file, the round's adapter exported to GGUF). Devices and the student always train in
     # torch. "auto": llamacpp when the large LM runs there too and the small LM has a GGUF file.
     small_proxy_backend: str = "torch"
+    # Which engine evaluates the run's models (and so judges every system alike): "torch" (the
+    # small LM and a tuned large LM in torch; the large LM and the proxy's small views where the two
+    # keys above say) or "llamacpp" (every evaluated model and the KD teacher in llama.cpp, whatever
+    # the two keys above say; a remote/openai large LM is refused: the GGUF
+    # files, a round's LoRA adapter exported to GGUF, for the small LM and for fedavg-large's large
+    # LM alike; training stays in torch). "auto": llama.cpp where it decodes faster than torch on
+    # this CPU (no fast bf16 matmuls: AVX2-only CPUs), torch where bf16 is fast (AVX-512-BF16,
+    # AMX), torch without the bindings or GGUF files. config.toml records the choice.
+    eval_engine: str = "torch"
 
     @property
     def chosen_by_auto(self) -> set[str]:
@@ -87,6 +114,7 @@ class ModelConfig:
         _check_choice("model.dtype", self.dtype, DTYPES)
         _check_choice("model.large_backend", self.large_backend, LARGE_BACKENDS)
         _check_choice("model.small_proxy_backend", self.small_proxy_backend, SMALL_PROXY_BACKENDS)
+        _check_choice("model.eval_engine", self.eval_engine, EVAL_ENGINES)
         _check_positive("model.large_topk", self.large_topk)
         if not self.small or not self.large:
             raise FedPTError("model.small and model.large must both name a model")
@@ -363,16 +391,32 @@ class FedPTConfig:
     def validate(self) -> "FedPTConfig":
         for section in dataclasses.fields(self):
             getattr(self, section.name).validate()
-        if self.model.large_backend == "auto":  # resolved once: a resumed run keeps what it started with
-            self.model.large_backend = auto_large_backend(self.model.large, self.run.systems)
-            self.model.chosen_by_auto.add("large_backend")  # preflight may still fall back to torch
-        if self.model.small_proxy_backend == "auto":
-            llamacpp = self.model.large_backend == "llamacpp" and _has_gguf(self.model.small)
-            self.model.small_proxy_backend = "llamacpp" if llamacpp else "torch"
-            self.model.chosen_by_auto.add("small_proxy_backend")
-        if "fedavg-large" in self.run.systems and self.model.large_backend != "local":
+        model = self.model
+        if model.eval_engine == "auto":  # resolved once, like the backends: a resumed run keeps it
+            model.eval_engine = auto_eval_engine(model)
+            model.chosen_by_auto.add("eval_engine")
+        if model.eval_engine == "llamacpp":  # one engine for every evaluated model and the teacher
+            if model.large_backend in ("remote", "openai"):
+                raise FedPTError(f"model.eval_engine = 'llamacpp' runs every evaluated model in llama.cpp, but the "
+                                 f"large LM is behind a service (model.large_backend = '{model.large_backend}'): "
+                                 "use model.eval_engine = 'torch'")
+            for key in ("large_backend", "small_proxy_backend"):  # whatever they said: one engine judges all
+                if getattr(model, key) == "auto" and "eval_engine" in model.chosen_by_auto:
+                    model.chosen_by_auto.add(key)
+                setattr(model, key, "llamacpp")
+        elif "eval_engine" in model.chosen_by_auto and model.large_backend == "auto":
+            model.large_backend = "local"  # auto chose torch to evaluate: the large LM too
+        if model.large_backend == "auto":  # resolved once: a resumed run keeps what it started with
+            model.large_backend = auto_large_backend(model.large, self.run.systems)
+            model.chosen_by_auto.add("large_backend")  # preflight may still fall back to torch
+        if model.small_proxy_backend == "auto":
+            llamacpp = model.large_backend == "llamacpp" and _has_gguf(model.small)
+            model.small_proxy_backend = "llamacpp" if llamacpp else "torch"
+            model.chosen_by_auto.add("small_proxy_backend")
+        if "fedavg-large" in self.run.systems and model.large_backend != "local" and model.eval_engine != "llamacpp":
             raise FedPTError("fedavg-large tunes the large LM's weights (white-box baseline): it needs "
-                             f"model.large_backend = 'local', not '{self.model.large_backend}'")
+                             f"model.large_backend = 'local' (or model.eval_engine = 'llamacpp', which evaluates "
+                             f"its tuned large LM from the GGUF file and its adapter), not '{model.large_backend}'")
         fed = self.federation
         if fed.secure_aggregation:  # the server sees only the sum: nothing that needs single updates
             if fed.aggregation != "fedavg":

@@ -69,13 +69,14 @@ def check_llamacpp_runs_here(cfg: FedPTConfig) -> None:
         for spec in specs:
             check_runs_here(gguf_path(spec), extra_buffers_enabled())
     except FedPTError as err:
-        in_use = {key for key in ("large_backend", "small_proxy_backend") if getattr(model, key) == "llamacpp"}
+        keys = ("large_backend", "small_proxy_backend", "eval_engine")
+        in_use = {key for key in keys if getattr(model, key) == "llamacpp"}
         if not in_use <= model.chosen_by_auto:
             raise  # asked for by name: the user decides
         print(f"note: 'auto' runs the models in torch, not llama.cpp: {err}", file=sys.stderr)
         if model.large_backend == "llamacpp":
             model.large_backend = "local"
-        model.small_proxy_backend = "torch"
+        model.small_proxy_backend = model.eval_engine = "torch"
 
 
 def check_memory(cfg: FedPTConfig) -> None:
@@ -234,6 +235,7 @@ def write_summary(out_dir: Path, cfg: FedPTConfig, records: list[RoundRecord], e
     """``summary.json``: per system its pretrained and final records with 95% bootstrap intervals
     (from the saved predictions), the paper's comparisons as paired intervals, the target."""
     from fedpt.evaluate import protocol_name
+    from fedpt.server import evaluation_engines
     from fedpt.systems import target_met
     from fedpt.intervals import BOOTSTRAP, comparisons, record_intervals
 
@@ -265,6 +267,7 @@ def write_summary(out_dir: Path, cfg: FedPTConfig, records: list[RoundRecord], e
         "systems": systems,
         "rounds": cfg.federation.rounds,
         "dtype": resolve_dtype(cfg.model.dtype),  # what "auto" became on this machine
+        "engines": evaluation_engines(cfg),  # which engine judged which model (model.eval_engine)
         "eval_protocol": protocol_name(cfg.eval),
         "prompt_template": cfg.data.template,
         "eval_sets": eval_sizes,

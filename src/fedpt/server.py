@@ -89,6 +89,17 @@ def large_logit_source(cfg: FedPTConfig, small_base: Any) -> tuple[Any, Callable
     return None, openai_logit_source(cfg, small_base)
 
 
+def evaluation_engines(cfg: FedPTConfig) -> dict[str, str]:
+    """Which engine computes each evaluated model and the KD teacher (summary.json records it)."""
+    model = cfg.model
+    tuned = "llama.cpp" if model.eval_engine == "llamacpp" else "torch"
+    large = {"local": "torch", "llamacpp": "llama.cpp"}.get(model.large_backend, model.large_backend)
+    views = "llama.cpp" if model.small_proxy_backend == "llamacpp" else "torch"
+    proxy = f"large LM: {large}; small LM's tuned and base views: {views}"
+    return {"small (pretrained and tuned)": tuned, "large (pretrained)": large,
+            "large (tuned by fedavg-large)": tuned, "proxy": proxy, "kd teacher": proxy}
+
+
 @dataclass
 class ServerModels:
     cfg: FedPTConfig
@@ -102,6 +113,7 @@ class ServerModels:
 
     large_source: Callable[[], LogitSource] | None = None  # a fresh black-box LogitSource per call
     small_engine: Any = None  # the small LM in llama.cpp (model.small_proxy_backend = "llamacpp")
+    large_engine: Any = None  # the large LM in llama.cpp (model.large_backend = "llamacpp")
 
     @classmethod
     def load(cls, cfg: FedPTConfig, splits: Splits, large_trainable: bool) -> ServerModels:
@@ -112,7 +124,9 @@ class ServerModels:
         small_base = load_model(cfg.model.small, cfg.model.dtype)
         large, large_source = large_logit_source(cfg, small_base)
         small = attach_lora(small_base, cfg.lora, seed=cfg.run.seed)
-        if large_trainable:  # config validation keeps this to the local backend
+        if large_trainable:  # fedavg-large: the devices' adapter lives on a torch copy (white box)
+            if large is None:  # evaluated in llama.cpp (model.eval_engine): torch holds the adapter only
+                large = load_model(cfg.model.large, cfg.model.dtype)
             large = attach_lora(large, cfg.lora, seed=cfg.run.seed)
         initial = {"small": get_adapter_state(small)}
         if large_trainable:
@@ -122,8 +136,9 @@ class ServerModels:
             from fedpt.models.llamacpp import LlamaCppModel, gguf_path
 
             small_engine = LlamaCppModel(gguf_path(cfg.model.small))
+        large_engine = getattr(large_source, "__self__", None)  # the LlamaCppModel behind engine.source
         return cls(cfg, tokenizer, small, large, splits, load_eval_sets(cfg, splits), initial,
-                   large_source=large_source, small_engine=small_engine)
+                   large_source=large_source, small_engine=small_engine, large_engine=large_engine)
 
     # -- adapters ----------------------------------------------------------------------------
 
@@ -164,6 +179,27 @@ class ServerModels:
         with tempfile.TemporaryDirectory(prefix="fedpt-adapter-") as tmp:  # llama.cpp copies it at load
             adapter = self.small_engine.load_adapter(export_lora_gguf(self.small, Path(tmp) / "adapter.gguf"))
         return LlamaCppAdapterDiff(self.small_engine, adapter)
+
+    # -- the models as evaluated ---------------------------------------------------------------
+
+    def tuned_source(self, device_model: str) -> LogitSource:
+        """The small LM (or fedavg-large's large LM) with its loaded adapter, in the run's evaluation engine.
+
+        ``model.eval_engine = "llamacpp"``: the GGUF file plus the adapter exported to a GGUF LoRA
+        (llama.cpp applies it at alpha / r, as peft does), so every system is judged by one engine.
+        """
+        model = self.model(device_model)
+        if self.cfg.model.eval_engine != "llamacpp":
+            return LocalLogitSource(model)
+        import tempfile
+        from pathlib import Path
+
+        from fedpt.models.llamacpp import export_lora_gguf
+
+        engine = self.small_engine if device_model == "small" else self.large_engine
+        with tempfile.TemporaryDirectory(prefix="fedpt-adapter-") as tmp:  # llama.cpp copies it at load
+            adapter = engine.load_adapter(export_lora_gguf(model, Path(tmp) / "adapter.gguf"))
+        return engine.source(adapter)
 
     # -- step 5: distillation ---------------------------------------------------------------
 

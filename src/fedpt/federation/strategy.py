@@ -41,7 +41,7 @@ from fedpt.federation.local_dp import LocalDp
 from fedpt.federation.records import (ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, PARTITION_KEY, UNIFORM_WEIGHT_KEY,
                                      arrays_to_state, state_to_arrays)
 from fedpt.metrics import RoundLog, RoundRecord
-from fedpt.models.logits import LocalLogitSource, LogitSource
+from fedpt.models.logits import LogitSource
 from fedpt.predictions import model_name, prediction_path, write_predictions
 from fedpt.progress import Progress
 from fedpt.server import ServerModels
@@ -333,9 +333,9 @@ class FedPTStrategy(FedAvg):
                 setattr(member, field, next(iter(results.values())).rouge_l)
 
         if spec.device_model == "large":
-            score("large", LocalLogitSource(server.large), members, "rougeL_large")
+            score("large", server.tuned_source("large"), members, "rougeL_large")
             return
-        score("small", LocalLogitSource(server.small), members, "rougeL_small")
+        score("small", server.tuned_source("small"), members, "rougeL_small")
         kill_point("evaluation", server_round)
         proxied = [m for m in members if self.members[m.system].proxy]
         if proxied:

@@ -1,0 +1,87 @@
+"""What llama.cpp's extra (repacked / AMX) weight buffers cost or gain on this CPU.
+
+    python bench/llamacpp_buffers.py [--model qwen2.5-coder-1.5b-instruct] [--repeats 3] [--out bench/results/llamacpp_buffers]
+
+FedPT turns llama.cpp's extra buffer types off on CPUs with AMX (the AMX buffer segfaults there
+with K-quants; ``fedpt.models.llamacpp.extra_buffers_enabled``) and keeps them elsewhere. This
+measures, on the model's own GGUF and on the CPU at hand, both settings side by side in one
+process, interleaved (best of ``--repeats``): prefill of 128 tokens (one row) and greedy decoding
+of 32 tokens at batch 1 and batch 8, and checks that both give the same greedy tokens.
+Prints a Markdown table (with the CPU) and writes ``OUT.json`` and ``OUT.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import fedpt  # noqa: F401  (before torch: sets MKL_CBWR)
+import torch
+
+
+def measure(model, batch: int, prompt: int, new_tokens: int) -> tuple[float, float, list[list[int]]]:
+    """(prefill tok/s, decode tok/s, greedy tokens) for ``batch`` rows of ``prompt`` tokens."""
+    source = model.source()
+    ids = (torch.arange(batch * prompt).view(batch, prompt) * 7919 + 13) % 150000  # deterministic, distinct rows
+    start = time.perf_counter()
+    logits = source.prefill(ids, torch.ones_like(ids))
+    prefill = time.perf_counter() - start
+    tokens = [logits.argmax(-1)]
+    start = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        logits = source.step(tokens[-1])
+        tokens.append(logits.argmax(-1))
+    decode = time.perf_counter() - start
+    source.close()
+    return batch * prompt / prefill, batch * (new_tokens - 1) / decode, torch.stack(tokens, 1).tolist()
+
+
+def main() -> None:
+    from fedpt.cpu import cpu_summary
+    from fedpt.models.llamacpp import LlamaCppModel, gguf_path
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="qwen2.5-coder-1.5b-instruct")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", type=Path, default=Path("bench/results/llamacpp_buffers"))
+    args = parser.parse_args()
+
+    gguf = gguf_path(args.model)
+    models = {}
+    for setting in ("on", "off"):
+        os.environ["FEDPT_LLAMACPP_EXTRA_BUFFERS"] = setting  # the product's switch
+        models[setting] = LlamaCppModel(gguf, threads=args.threads)
+    cases = [("prefill 128, batch 1", 1, 128, 2), ("decode, batch 1", 1, 16, 33), ("decode, batch 8", 8, 16, 33)]
+    best: dict[tuple[str, str], float] = {}
+    same = True
+    for _ in range(args.repeats):
+        for name, batch, prompt, new in cases:
+            outputs = {}
+            for setting, model in models.items():  # interleaved: the machine's load hits both alike
+                prefill, decode, outputs[setting] = measure(model, batch, prompt, new)
+                value = prefill if name.startswith("prefill") else decode
+                best[(name, setting)] = max(best.get((name, setting), 0.0), value)
+            same &= outputs["on"] == outputs["off"]
+    rows = [{"case": name, "tok_s_on": best[(name, "on")], "tok_s_off": best[(name, "off")],
+             "off_over_on": best[(name, "off")] / best[(name, "on")]} for name, *_ in cases]
+    result = {"cpu": cpu_summary(), "model": args.model, "gguf": str(gguf), "threads": args.threads,
+              "repeats": args.repeats, "same_greedy_tokens": same, "rows": rows,
+              "date": time.strftime("%Y-%m-%d %H:%M"), "load_average": os.getloadavg()}
+    lines = [f"llama.cpp extra buffers on vs off: {args.model}, {cpu_summary()}, {args.threads} thread(s), "
+             f"best of {args.repeats}, load average {result['load_average'][0]:.1f} at the start of the write",
+             "", "| case | tok/s on | tok/s off | off / on |", "|---|---|---|---|"]
+    lines += [f"| {r['case']} | {r['tok_s_on']:.1f} | {r['tok_s_off']:.1f} | {r['off_over_on']:.2f} |" for r in rows]
+    lines.append(f"\nsame greedy tokens with both settings: {same}")
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    args.out.with_suffix(".md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -212,6 +212,7 @@ class ServerTraits:
     usage_offset: int | None = None  # usage.prompt_tokens minus our token count (a BOS the server adds)
 
 
+_TEXT_ONLY_NOTED: set[str] = set()  # servers already said to take text only, in this process
 CALIBRATION_PROBE = "Below is an instruction that describes a task."  # ASCII: decoding our ids gives it back
 CALIBRATION_TOP = 5  # log-probs asked for while learning the echo's layout (OpenAI allows 5)
 
@@ -410,8 +411,10 @@ class OpenAITopKSource:
             except _Rejected as refused:
                 self.traits.id_prompts = False
                 plain = self._complete([CALIBRATION_PROBE], echo=False, top=top)[0]
-                print(f"note: the large LM at {self.base_url} refuses token-id prompts ({refused.reason[:120]}); "
-                      "sending text (our token ids decoded) and checking its tokens against ours", file=sys.stderr)
+                if self.base_url not in _TEXT_ONLY_NOTED:  # once per server, not per backend (preflight, run)
+                    _TEXT_ONLY_NOTED.add(self.base_url)
+                    print(f"note: the large LM at {self.base_url} refuses token-id prompts ({refused.reason[:120]}); "
+                          "sending text (our token ids decoded) and checking its tokens against ours", file=sys.stderr)
         else:
             plain = self._complete([self._prompt(ids)], echo=False, top=top)[0]
         after_prompt = plain["logprobs"]["top_logprobs"][0]

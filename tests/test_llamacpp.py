@@ -319,8 +319,8 @@ def test_large_lm_with_lora_adapter_in_llamacpp_equals_peft(tiny_pair, tiny_cfg,
 
 def test_eval_engine_config(monkeypatch):
     """llamacpp: every evaluated model in llama.cpp (both backends follow), fedavg-large allowed
-    (it trains in torch); a service-backed large LM is refused; auto picks by the CPU's bf16."""
-    import fedpt.models.loading as loading
+    (it trains in torch); a service-backed large LM is refused; auto picks torch on AMX CPUs only."""
+    import fedpt.cpu as cpu
 
     cfg = load_config(preset="tiny", overrides=["model.eval_engine=llamacpp", "run.systems=['fedpt','fedavg-large']"])
     assert (cfg.model.large_backend, cfg.model.small_proxy_backend) == ("llamacpp", "llamacpp")
@@ -330,11 +330,11 @@ def test_eval_engine_config(monkeypatch):
     with pytest.raises(FedPTError, match="fedavg-large tunes the large LM's weights"):
         load_config(preset="tiny", overrides=["model.large_backend=llamacpp", "run.systems=['fedavg-large']"])
     auto = ["model.eval_engine=auto", "model.large_backend=auto", "model.small_proxy_backend=auto"]
-    for fast_bf16, engine, large in ((False, "llamacpp", "llamacpp"), (True, "torch", "local")):
-        monkeypatch.setattr(loading, "fast_bf16_matmul", lambda fast=fast_bf16: fast)
+    for flags, engine, large in ((EPYC_FLAGS, "llamacpp", "llamacpp"), (AMX_FLAGS, "torch", "local")):
+        monkeypatch.setattr(cpu, "cpu_flags", lambda flags=flags: flags)
         cfg = load_config(preset="tiny", overrides=[*auto, "run.systems=['fedpt','fedavg-large']"])
-        assert (cfg.model.eval_engine, cfg.model.large_backend) == (engine, large), fast_bf16
-    monkeypatch.setattr(loading, "fast_bf16_matmul", lambda: False)
+        assert (cfg.model.eval_engine, cfg.model.large_backend) == (engine, large), flags
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: EPYC_FLAGS)
     pinned = load_config(preset="tiny", overrides=["model.eval_engine=auto", "model.large_backend=local"])
     assert pinned.model.eval_engine == "torch"  # a large LM pinned to torch keeps evaluation in torch
 

@@ -45,18 +45,19 @@ def auto_large_backend(large: str, systems: list[str]) -> str:
 def auto_eval_engine(model: "ModelConfig") -> str:
     """``model.eval_engine = "auto"``: the engine that decodes faster on this CPU.
 
-    Measured at batch 8 (the large LM alone): on an AVX2-only EPYC llama.cpp is 2.2x torch fp32;
-    on an AMX Xeon torch bf16 is 1.3x llama.cpp; docs/performance.md has this CPU's row. So
-    llama.cpp where torch has no fast bf16 matmuls, torch where it has; torch when llama.cpp cannot
-    run both models (no bindings, no GGUF file, a backend that is not local).
+    Measured (docs/performance.md): llama.cpp decodes the large LM 2.2x faster than torch fp32 at
+    batch 8 on an AVX2-only EPYC, and 6.7x / about as fast as torch bf16 at batch 1 / 8 on an
+    AVX-512-BF16 EPYC; on an AMX Xeon torch bf16 is 1.3x llama.cpp at batch 8 (AMX matmuls,
+    and llama.cpp's AMX buffers are off there: they crash). So llama.cpp except on AMX CPUs;
+    torch when llama.cpp cannot run both models (no bindings, no GGUF file, a pinned backend).
     """
     import importlib.util
 
-    from fedpt.models.loading import fast_bf16_matmul
+    from fedpt.cpu import has_amx
 
     usable = (importlib.util.find_spec("llama_cpp") is not None and _has_gguf(model.large) and _has_gguf(model.small)
               and model.large_backend in ("auto", "llamacpp") and model.small_proxy_backend in ("auto", "llamacpp"))
-    return "llamacpp" if usable and not fast_bf16_matmul() else "torch"
+    return "llamacpp" if usable and not has_amx() else "torch"
 
 
 def _has_gguf(spec: str) -> bool:
@@ -101,8 +102,8 @@ class ModelConfig:
     # the two keys above say; a remote/openai large LM is refused: the GGUF
     # files, a round's LoRA adapter exported to GGUF, for the small LM and for fedavg-large's large
     # LM alike; training stays in torch). "auto": llama.cpp where it decodes faster than torch on
-    # this CPU (no fast bf16 matmuls: AVX2-only CPUs), torch where bf16 is fast (AVX-512-BF16,
-    # AMX), torch without the bindings or GGUF files. config.toml records the choice.
+    # this CPU (AVX2-only and AVX-512 CPUs), torch on AMX CPUs (bf16 AMX matmuls beat it at batch 8)
+    # and without the bindings or GGUF files. config.toml records the choice.
     eval_engine: str = "torch"
 
     @property

@@ -37,8 +37,11 @@ def default_models(system: str) -> list[str]:
 
 def evaluate_run(run_dir: Path, data: list[str] | None = None, overrides: list[str] | None = None,
                  systems: list[str] | None = None, models: list[str] | None = None,
-                 name: str | None = None) -> tuple[Path, dict]:
-    """Evaluate ``run_dir``'s models; returns the output folder and its summary."""
+                 name: str | None = None, show_progress: bool = True) -> tuple[Path, dict]:
+    """Evaluate ``run_dir``'s models; returns the output folder and its summary.
+
+    With ``show_progress``, stderr shows the model, set, prompt count and an ETA as it goes.
+    """
     from fedpt.data.records import load_eval_set, source_name
     from fedpt.runner import format_table, write_summary
     from fedpt.server import ServerModels, load_eval_sets, load_splits
@@ -81,7 +84,7 @@ def evaluate_run(run_dir: Path, data: list[str] | None = None, overrides: list[s
     large_trainable = any(SYSTEM_SPECS[s].device_model == "large" for s in systems)
     server = ServerModels.load(cfg, splits, large_trainable=large_trainable)
     server.eval_sets = eval_sets
-    records = _evaluate(run_dir, out_dir, server, systems, plan)
+    records = _evaluate(run_dir, out_dir, server, systems, plan, show_progress)
     cfg.run.systems = systems
     (out_dir / "eval.json").write_text(json.dumps({
         "run": str(run_dir), "data": data or "the run's evaluation sets", "sets": {n: len(e) for n, e in eval_sets.items()},
@@ -131,39 +134,61 @@ def _plan(systems: list[str], models: list[str] | None) -> dict[str, list[str]]:
 
 
 def _evaluate(run_dir: Path, out_dir: Path, server, systems: list[str],
-              plan: dict[str, list[str]]) -> list[RoundRecord]:
+              plan: dict[str, list[str]], show_progress: bool = True) -> list[RoundRecord]:
     """Score every planned model; write predictions and one round-0 and one final record per system."""
+    from fedpt.evaluate import decodings, protocol_name
+    from fedpt.progress import PromptProgress
+
+    # Pretrained models are scored once and filed under every system.
+    pretrained = {m for models in plan.values() for m in models if m.startswith("pretrained-")}
+    tuned = sum(1 for models in plan.values() for m in models if not m.startswith("pretrained-"))
+    total = (len(pretrained) + tuned) * sum(len(e) for e in server.eval_sets.values()) * len(decodings(server.cfg.eval))
+    progress = PromptProgress("fedpt eval", total, protocol_name(server.cfg.eval), enabled=show_progress)
+    records: list[RoundRecord] = []
+    memo: dict[str, dict] = {}
+    try:
+        for system in systems:
+            records += _evaluate_system(run_dir, out_dir, server, system, plan[system], progress, memo)
+    finally:
+        progress.close()
+    return records
+
+
+def _evaluate_system(run_dir: Path, out_dir: Path, server, system: str, models: list[str], progress,
+                     memo: dict[str, dict]) -> list[RoundRecord]:
+    """One system's planned models (pretrained ones from ``memo`` when another system scored them)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     from fedpt.models.logits import LocalLogitSource
     from fedpt.predictions import prediction_path, write_predictions
+    from fedpt.progress import evaluate_sets
 
-    records = []
+    def small_base():
+        server.load_adapter("small", server.initial_adapter("small"))
+        return LocalLogitSource(server.small)
+
+    spec = SYSTEM_SPECS[system]
     first_set = next(iter(server.eval_sets))
-    for system in systems:
-        spec = SYSTEM_SPECS[system]
-        final_round = _final_round(run_dir, system)
-        pretrained = RoundRecord(round=0, system=system)
-        final = RoundRecord(round=final_round, system=system)
-        for model in plan[system]:
-            if model == "pretrained-small":
-                server.load_adapter("small", server.initial_adapter("small"))
-                results, record, role = server.evaluate(LocalLogitSource(server.small), key="small"), pretrained, "small"
-            elif model == "pretrained-large":
-                results, record, role = server.evaluate(server.large_logits(), key="large"), pretrained, "large"
-            else:
-                adapter = load_file(run_dir / system / "adapter" / "adapter_model.safetensors")
-                set_peft_model_state_dict(server.model(spec.device_model), adapter)
-                source = {"small": lambda: LocalLogitSource(server.small), "proxy": server.proxy_tune,
-                          "large": lambda: LocalLogitSource(server.large)}[model]()
-                results, record, role = server.evaluate(source), final, model
-            for set_name, result in results.items():
-                record.rougeL_sets.setdefault(set_name, {})[role] = result.rouge_l
-                write_predictions(prediction_path(out_dir, system, record.round, set_name, model), result)
-            setattr(record, f"rougeL_{role}", results[first_set].rouge_l)
-        records += [r for r in (pretrained, final) if r.rougeL_sets]
-    return records
+    pretrained = RoundRecord(round=0, system=system)
+    final = RoundRecord(round=_final_round(run_dir, system), system=system)
+    for model in models:
+        if model.startswith("pretrained-"):
+            if model not in memo:
+                source = small_base() if model == "pretrained-small" else server.large_logits()
+                memo[model] = evaluate_sets(server, source, model, progress)
+            results, record, role = memo[model], pretrained, model.removeprefix("pretrained-")
+        else:
+            adapter = load_file(run_dir / system / "adapter" / "adapter_model.safetensors")
+            set_peft_model_state_dict(server.model(spec.device_model), adapter)
+            source = {"small": lambda: LocalLogitSource(server.small), "proxy": server.proxy_tune,
+                      "large": lambda: LocalLogitSource(server.large)}[model]()
+            results, record, role = evaluate_sets(server, source, f"{system} {model}", progress), final, model
+        for set_name, result in results.items():
+            record.rougeL_sets.setdefault(set_name, {})[role] = result.rouge_l
+            write_predictions(prediction_path(out_dir, system, record.round, set_name, model), result)
+        setattr(record, f"rougeL_{role}", results[first_set].rouge_l)
+    return [r for r in (pretrained, final) if r.rougeL_sets]
 
 
 def _final_round(run_dir: Path, system: str) -> int:

@@ -13,6 +13,7 @@ any number can be recomputed with ``rouge_score`` alone and bootstrapped over pr
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -91,12 +92,15 @@ def protocol_name(cfg: EvalConfig) -> str:
 
 
 def evaluate_rouge(
-    source: LogitSource, tokenizer: Any, examples: list[Example], cfg: EvalConfig, data_cfg: DataConfig
+    source: LogitSource, tokenizer: Any, examples: list[Example], cfg: EvalConfig, data_cfg: DataConfig,
+    on_prompts: Callable[[int], None] | None = None,
 ) -> EvalResult:
+    """Decode and score every example under the protocol; ``on_prompts(n)`` after each batch (progress)."""
     prompts = [format_prompt(ex, data_cfg.template, tokenizer) for ex in examples]
     per_seed, samples, seeds, predictions, all_scores = [], [], [], [], []
     for decoding in decodings(cfg):
-        ids = generate_ids(source, tokenizer, prompts, decoding, cfg.batch_size, data_cfg.max_prompt_tokens)
+        ids = generate_ids(source, tokenizer, prompts, decoding, cfg.batch_size, data_cfg.max_prompt_tokens,
+                           on_prompts=on_prompts)
         answers = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
         scores = [rouge_l(answer, ex.all_references) for answer, ex in zip(answers, examples)]
         per_seed.append(sum(scores) / len(scores))

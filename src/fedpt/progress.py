@@ -47,3 +47,60 @@ def describe_round(r: RoundRecord) -> str:
             parts.append(f"Rouge-L {name} {value:.2f}")
     parts.append(f"{r.seconds:.1f}s")
     return " | ".join(parts)
+
+
+class PromptProgress:
+    """Evaluation commands (``fedpt eval``, the experiment's alpha sweep): one bar over every prompt
+    they decode (models x sets x seeds), showing the model, the set, its prompt count and an ETA;
+    a line per finished model and set above it."""
+
+    def __init__(self, command: str, total: int, protocol: str, enabled: bool = True) -> None:
+        from tqdm import tqdm
+
+        self.enabled = enabled
+        if enabled:
+            print(f"{command}: {total} prompt decodings ({protocol})", file=sys.stderr)
+        self.bar = tqdm(total=total, unit="prompt", file=sys.stderr, disable=not enabled, dynamic_ncols=True,
+                        mininterval=1.0, bar_format="{desc} |{bar}| {n_fmt}/{total_fmt} prompts "
+                                                    "[{elapsed}<{remaining}, {rate_fmt}]")
+        self.started = 0.0
+
+    def start(self, model: str, set_name: str, prompts: int, seeds: int = 1) -> None:
+        import time
+
+        self.started = time.perf_counter()
+        count = f"{prompts} prompts" + (f" x {seeds} seeds" if seeds > 1 else "")
+        self.bar.set_description_str(f"{model} on {set_name} ({count})")
+
+    def advance(self, prompts: int) -> None:
+        self.bar.update(prompts)
+
+    def done(self, model: str, set_name: str, result) -> None:
+        """``result``: the set's ``EvalResult``."""
+        import time
+
+        if self.enabled:
+            self.bar.write(f"{model} on {set_name}: Rouge-L {result.rouge_l:.2f} ({result.num_prompts} prompts, "
+                           f"{time.perf_counter() - self.started:.0f} s)", file=sys.stderr)
+
+    def note(self, text: str) -> None:
+        """A line above the bar (printed with or without it)."""
+        self.bar.write(text, file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def evaluate_sets(server, source, label: str, progress: PromptProgress | None) -> dict:
+    """``ServerModels.evaluate`` set by set, reporting each batch to ``progress``: {set: EvalResult}."""
+    from fedpt.evaluate import decodings, evaluate_rouge
+
+    results = {}
+    for set_name, examples in server.eval_sets.items():
+        if progress is not None:
+            progress.start(label, set_name, len(examples), len(decodings(server.cfg.eval)))
+        results[set_name] = evaluate_rouge(source, server.tokenizer, examples, server.cfg.eval, server.cfg.data,
+                                           on_prompts=progress.advance if progress is not None else None)
+        if progress is not None:
+            progress.done(label, set_name, results[set_name])
+    return results

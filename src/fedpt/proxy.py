@@ -220,12 +220,14 @@ def stop_token_ids(tokenizer) -> list[int]:
 def generate_ids(
     source: LogitSource, tokenizer, prompts: list[str], cfg: Decoding, batch_size: int, max_prompt_tokens: int,
     on_batch: Callable[[list[list[int]], list[torch.Tensor]], None] | None = None,
+    on_prompts: Callable[[int], None] | None = None,
 ) -> list[list[int]]:
     """Decode every prompt in batches of ``batch_size``; returns new token ids per prompt.
 
     ``on_batch(responses, step_logits)`` sees each batch's responses and its steps' raw logits
     (``decode``'s ``step_logits``) as soon as the batch is done, so a caller can keep what it
     needs of them without holding every batch's (steps, B, V) logits at once.
+    ``on_prompts(n)`` is told after each batch how many prompts it decoded (progress; keeps no logits).
     """
     from fedpt.data.prompts import encode_prompts_left
 
@@ -238,4 +240,6 @@ def generate_ids(
         if on_batch is not None:
             on_batch(responses, steps)
         out += responses
+        if on_prompts is not None:
+            on_prompts(len(responses))
     return out

@@ -9,9 +9,9 @@ import json
 import numpy as np
 
 from fedpt.config import load_config
-from fedpt.experiment import results_markdown, round_intervals
 from fedpt.intervals import NOT_DISTINGUISHABLE
 from fedpt.metrics import RoundRecord
+from fedpt.report import render
 from fedpt.runner import format_table, write_summary
 
 N = 60
@@ -56,6 +56,7 @@ def test_comparisons_claim_only_what_the_paired_interval_supports(tmp_path):
     found = {row["comparison"]: row for row in summary["comparisons"]}
     assert set(found) == {"FedPT vs FedAvg-large", "FedPT vs FedAvg+PT", "FedAvg+PT vs FedAvg-small",
                           "FedPT proxy vs pretrained large", "FedAvg+PT proxy vs pretrained large",
+                          "FedPT's distilled small vs FedAvg-small",
                           "FedPT proxy-tuned large vs FedPT's distilled small"}
     big = found["FedPT vs FedAvg-large"]
     expected = float(np.mean(scores[("fedpt", "proxy")] - scores[("fedavg-large", "large")]))
@@ -70,10 +71,14 @@ def test_comparisons_claim_only_what_the_paired_interval_supports(tmp_path):
     assert big["diff_high"] - big["diff_low"] < (ci["high"] - ci["low"]) / 3
     table = format_table(summary)
     assert "fedpt proxy higher than fedavg-large large" in table
-    markdown = results_markdown(cfg, summary, records, {}, [], [], "fedpt experiment", round_intervals(tmp_path, records),
-                                tmp_path)
+    # fedpt report writes the same claims from the same files
+    cfg.save(tmp_path / "config.toml")
+    (tmp_path / "rounds.jsonl").write_text("".join(r.to_json() + "\n" for r in records))
+    markdown, _ = render(tmp_path, tmp_path / "results.md")
     rows = [line for line in markdown.splitlines() if line.startswith("| FedPT vs FedAvg+PT |")]
-    assert len(rows) == 1 and rows[0].endswith(f"| {NOT_DISTINGUISHABLE} |")
+    assert len(rows) == 1 and rows[0].endswith("| not distinguishable |  |")
+    rows = [line for line in markdown.splitlines() if line.startswith("| FedPT vs FedAvg-large |")]
+    assert len(rows) == 1 and rows[0].endswith("| higher | better |")  # +5 on every prompt: beyond the ±2 margin
     assert "| fedpt | 1 | s | proxy |" in markdown and "fedpt/predictions/round-0001.s.proxy.jsonl" in markdown
 
 

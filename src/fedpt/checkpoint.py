@@ -96,7 +96,10 @@ def _sha256(path: Path) -> str:
 
 # May change between a run and its resume: more rounds continue the same run, and a large-LM
 # service that moved (new address, new key) serves the same model (its vocabulary is re-checked).
-UNCOMPARED = {("federation", "rounds"), ("model", "large_url"), ("model", "large_api_key_file")}
+# A checkpoint is one system's: the other systems run beside it (an experiment's pieces) change
+# none of its seeds or numbers (tests/test_pieces.py).
+UNCOMPARED = {("federation", "rounds"), ("model", "large_url"), ("model", "large_api_key_file"),
+              ("run", "systems")}
 
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

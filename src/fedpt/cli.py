@@ -7,6 +7,9 @@
     fedpt eval --run DIR [--data FILE|builtin:NAME ...] [--set eval.key=value ...] [--system S ...]
                [--model pretrained-small|pretrained-large|small|proxy|large ...] [--name NAME]
     fedpt experiment [--preset NAME | --config FILE] [--set ...] [--out DIR] [--alphas 0.5,1,1.5,2]
+                     [--systems fedpt,fedavg-small,fedavg-large,fedavg-pt]
+    fedpt export RUN_DIR DEST [--systems ...] [--replace]
+    fedpt report DIR [--out FILE] [--check]
     fedpt systems
     fedpt models list|fetch|verify [NAME ...]
     fedpt deploy certs DIR [--host NAME ...] [--nodes N]
@@ -79,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="pretrained-small|pretrained-large|small|proxy|large (repeatable; default: the "
                          "pretrained pair and what each system reports)")
     ev.add_argument("--name", help="output folder under <run>/evals/ (default: a timestamp)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar (model, set, prompts, ETA)")
 
     sub.add_parser("systems", help="list FedPT and the baselines")
 
@@ -89,9 +93,27 @@ def _parser() -> argparse.ArgumentParser:
     exp_source.add_argument("--preset", help=f"built-in config (default: {DEFAULT_PRESET})")
     exp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     exp.add_argument("--out", type=Path, default=Path("runs/experiment"), help="output directory (resumable)")
+    exp.add_argument("--systems", default="all",
+                     help=f"run only these systems into --out (a piece; comma-separated: {','.join(SYSTEMS)}; "
+                          "default: all). Every piece must use the folder's config")
     exp.add_argument("--alphas", default="0.5,1,1.5,2", help="alpha values of the sweep (comma-separated)")
     exp.add_argument("--verbose", action="store_true")
     exp.add_argument("--no-progress", action="store_true")
+
+    rep = sub.add_parser("report", help="write an experiment folder's results.md (tables, intervals, comparisons, "
+                                        "verdicts, alpha sweep, costs, plots) from its files alone")
+    rep.add_argument("dir", type=Path, help="an experiment folder (fedpt experiment --out, or an exported one)")
+    rep.add_argument("--out", type=Path, help="Markdown file to write (default: DIR/results.md); plots go next to it")
+    rep.add_argument("--check", action="store_true",
+                     help="write nothing: exit 1 if --out differs from what the report would write")
+
+    export = sub.add_parser("export", help="copy an experiment folder's finished systems into a folder meant for "
+                                           "the repository (no checkpoints, bf16 adapters, files <= 10 MB)")
+    export.add_argument("run", type=Path, help="the experiment folder (fedpt experiment --out)")
+    export.add_argument("dest", type=Path, help="the committed folder, e.g. results/paper-cpu (same config)")
+    export.add_argument("--systems", default="all", help="which finished systems (comma-separated; default: all)")
+    export.add_argument("--replace", action="store_true",
+                        help="replace systems DEST already holds with different results")
 
     bench = sub.add_parser("bench", help="issue 10's ratios measured side by side on this machine: proxy decoding "
                                          "vs the large LM alone (P1), vs a three-model loop (P2), prefill and "
@@ -230,7 +252,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.name is not None and (not args.name or "/" in args.name or args.name in (".", "..")):
         raise FedPTError(f"--name must be a plain folder name, got '{args.name}'")
     out_dir, summary = evaluate_run(args.run.resolve(), args.data, args.overrides, args.systems, args.models,
-                                    args.name)
+                                    args.name, show_progress=not args.no_progress)
     print(format_table(summary))
     print(f"results: {out_dir}/summary.json, table.txt; predictions: {out_dir}/<system>/predictions/")
     return 0
@@ -245,11 +267,50 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
         raise FedPTError(f"--alphas takes comma-separated numbers, got '{args.alphas}'") from None
     if any(a < 0 for a in alphas):
         raise FedPTError(f"--alphas must be >= 0, got {args.alphas}")
-    cfg = load_config(path=args.config, preset=args.preset, overrides=args.overrides)
+    if any(item.partition("=")[0].strip() == "run.systems" for item in args.overrides):
+        raise FedPTError("fedpt experiment runs every system: choose a piece's systems with --systems, "
+                         "not --set run.systems")
+    systems = _system_list(args.systems)
+    # The experiment's config is every system's: "auto" backends resolve the same way in every piece.
+    cfg = load_config(path=args.config, preset=args.preset, overrides=[*args.overrides, f"run.systems={list(SYSTEMS)}"])
     _stop_cleanly("finished rounds are kept: run the same command again to continue")
     path = run_experiment(cfg, args.out.resolve(), alphas, verbose=args.verbose, show_progress=not args.no_progress,
-                          command="fedpt " + shlex.join(args.argv))
+                          command="fedpt " + shlex.join(args.argv), systems=systems)
     print(f"results: {path}")
+    return 0
+
+
+def _system_list(text: str) -> list[str] | None:
+    """``--systems a,b`` (None for all), each name checked."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names or names == ["all"]:
+        return None
+    for name in names:
+        if name not in SYSTEMS:
+            raise FedPTError(f"unknown system '{name}' in --systems: choose from {', '.join(SYSTEMS)} or all")
+    return names
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from fedpt.report import check_report, write_report
+
+    out = args.out or args.dir / "results.md"
+    if args.check:
+        if check_report(args.dir, out):
+            print(f"{out} is what the report of {args.dir} writes")
+            return 0
+        print(f"error: {out} differs from the report of {args.dir}: run fedpt report {args.dir} --out {out}",
+              file=sys.stderr)
+        return 1
+    print(f"results: {write_report(args.dir, out)}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from fedpt.export import export_experiment
+
+    for line in export_experiment(args.run, args.dest, _system_list(args.systems), replace=args.replace):
+        print(line)
     return 0
 
 
@@ -329,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_environment()
     commands = {"run": _cmd_run, "generate": _cmd_generate, "systems": _cmd_systems, "models": _cmd_models,
                 "experiment": _cmd_experiment, "deploy": _cmd_deploy, "eval": _cmd_eval, "serve": _cmd_serve,
-                "bench": _cmd_bench}
+                "bench": _cmd_bench, "report": _cmd_report, "export": _cmd_export}
     try:
         return commands[args.command](args)
     except FedPTError as err:

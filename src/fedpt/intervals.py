@@ -23,8 +23,15 @@ COMPARISONS: tuple[tuple[str, tuple[str, str], tuple[str, str]], ...] = (
     ("FedAvg+PT vs FedAvg-small", ("fedavg-pt", "proxy"), ("fedavg-small", "small")),
     ("FedPT proxy vs pretrained large", ("fedpt", "proxy"), ("fedpt", "pretrained-large")),
     ("FedAvg+PT proxy vs pretrained large", ("fedavg-pt", "proxy"), ("fedavg-pt", "pretrained-large")),
+    ("FedPT's distilled small vs FedAvg-small", ("fedpt", "small"), ("fedavg-small", "small")),
     ("FedPT proxy-tuned large vs FedPT's distilled small", ("fedpt", "proxy"), ("fedpt", "small")),
 )
+
+# The paper's central claim, FedPT's proxy-tuned large LM ~ FedAvg on the large LM, is judged by
+# equivalence: a margin fixed before any paper-cpu piece ran (issue 19), in Rouge-L points, on the
+# interval of the difference pooled over every evaluation set.
+CENTRAL_CLAIM = "FedPT vs FedAvg-large"
+EQUIVALENCE_MARGIN = 2.0
 
 BOOTSTRAP = {"samples": SAMPLES, "seed": SEED, "level": LEVEL,
              "method": "percentile bootstrap over prompts (each prompt's score averaged over the protocol's "
@@ -92,3 +99,25 @@ def verdict(diff: Interval, a: str, b: str) -> str:
         return NOT_DISTINGUISHABLE
     better, worse = (a, b) if diff.estimate > 0 else (b, a)
     return f"{better} higher than {worse}"
+
+
+def direction(diff: Interval) -> str:
+    """A's side of "A vs B": ``higher`` / ``lower`` where the interval excludes zero, else not distinguishable."""
+    if diff.low > 0:
+        return "higher"
+    if diff.high < 0:
+        return "lower"
+    return "not distinguishable"
+
+
+def equivalence(diff: Interval, margin: float = EQUIVALENCE_MARGIN) -> str:
+    """A against B with an equivalence margin: ``equivalent`` when the whole interval lies inside
+    [-margin, +margin] (ends included), ``better`` / ``worse`` when it lies wholly above +margin /
+    below -margin, else ``undecided`` (the interval straddles a margin: more prompts would tell)."""
+    if -margin <= diff.low and diff.high <= margin:
+        return "equivalent"
+    if diff.low > margin:
+        return "better"
+    if diff.high < -margin:
+        return "worse"
+    return "undecided"

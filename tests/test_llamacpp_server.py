@@ -9,8 +9,6 @@ token j (entry 0 null). Every comparison is against the tiny large model run loc
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -20,10 +18,11 @@ pytest.importorskip("llama_cpp.server.app", reason="llama-cpp-python's server no
 from fedpt.data.prompts import encode_prompts_left  # noqa: E402
 from fedpt.errors import FedPTError  # noqa: E402
 from fedpt.models.logits import LocalLogitSource, MixedAdapterDiff  # noqa: E402
-from fedpt.models.lora import attach_lora  # noqa: E402
 from fedpt.models.openai_topk import CALIBRATION_PROBE, OpenAITopKSource, TopKRestricted  # noqa: E402
 from fedpt.proxy import Decoding, ProxyTunedLM, decode, stop_token_ids  # noqa: E402
 from fedpt.serving.launch import launch_llama_cpp_server  # noqa: E402
+
+from .test_openai_topk import tuned_small  # noqa: E402,F401  (the same non-trivial adapter fixture)
 
 # llama.cpp runs the f32 GGUF in its own kernels with an f16 KV cache: its log-probabilities agree
 # with torch's fp32 to a few thousandths on these models (tests/test_llamacpp.py), not bit for bit.
@@ -93,15 +92,6 @@ def test_topk_backend_reads_the_text_only_server_as_the_local_model(llama_server
     assert (source.stats.unmapped, source.stats.retokenized) == (0, 0)
 
 
-@pytest.fixture(scope="module")
-def tuned_small(tiny_pair, tiny_cfg):
-    """A non-trivial adapter (tuned != base) on the tiny small model."""
-    peft = attach_lora(copy.deepcopy(tiny_pair[1]), tiny_cfg.lora, seed=0)
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(7))
-    return peft
 
 
 class TextOnlyTopK:

@@ -1,6 +1,10 @@
 """How close the large LM in llama.cpp is to the torch reference, and how much faster, on FedPT's own work.
 
-    python bench/llamacpp_fidelity.py [--preset qwen-cpu] [--prompts 8] [--dtype auto] [--out bench/results/llamacpp]
+    python bench/llamacpp_fidelity.py [--preset qwen-cpu] [--prompts 8] [--dtype auto] [--adapter DIR|random]
+        [--out bench/results/llamacpp]
+
+With ``--adapter``, the tuned large LM (fedavg-large's, as ``model.eval_engine = "llamacpp"``
+evaluates it): torch runs the peft model, llama.cpp the GGUF plus the adapter exported to GGUF.
 
 Both run the same weights: torch the GGUF dequantized into dense tensors (``model.dtype``),
 llama.cpp the GGUF file itself (4-6-bit blocks; its quantized dot products round activations to
@@ -50,6 +54,10 @@ def main() -> None:
     parser.add_argument("--preset", default="qwen-cpu")
     parser.add_argument("--prompts", type=int, default=8, help="prompts per evaluation set")
     parser.add_argument("--dtype", default="auto", help="torch reference dtype (default: the preset's auto)")
+    parser.add_argument("--adapter", default="",
+                        help="the tuned large LM (fedavg-large): a peft adapter folder of the large LM (e.g. a "
+                             "run's fedavg-large/adapter), or 'random' for a seeded nonzero LoRA; torch runs peft, "
+                             "llama.cpp the GGUF plus the adapter exported to GGUF (model.eval_engine = llamacpp)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/llamacpp_fidelity"))
     args = parser.parse_args()
 
@@ -66,7 +74,22 @@ def main() -> None:
     tokenizer = load_tokenizer(cfg.model.small)
     large = load_model(cfg.model.large, cfg.model.dtype)
     engine = LlamaCppModel(gguf_path(cfg.model.large))
-    sources = {"torch": lambda: LocalLogitSource(large), "llama.cpp": engine.source}
+    adapter = None
+    if args.adapter:  # the tuned large LM as each engine evaluates it
+        import tempfile
+
+        from fedpt.bench import with_random_lora
+        from fedpt.models.llamacpp import export_lora_gguf
+
+        if args.adapter == "random":
+            large = with_random_lora(large, cfg.lora, scale=0.01)
+        else:
+            from peft import PeftModel
+
+            large = PeftModel.from_pretrained(large, args.adapter).eval()
+        with tempfile.TemporaryDirectory() as tmp:  # llama.cpp copies the adapter at load
+            adapter = engine.load_adapter(export_lora_gguf(large, Path(tmp) / "adapter.gguf"))
+    sources = {"torch": lambda: LocalLogitSource(large), "llama.cpp": lambda: engine.source(adapter)}
     eval_sets = {name: examples[: args.prompts] for name, examples in load_eval_sets(cfg, load_splits(cfg)).items()}
 
     forced = teacher_forced(cfg, tokenizer, sources, eval_sets)
@@ -85,7 +108,8 @@ def main() -> None:
         print(f"{set_name}: " + ", ".join(f"{n} Rouge-L {d['rouge'][set_name]:.2f}" for n, d in decoding.items()),
               flush=True)
     result = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"),
-              "large": cfg.model.large, "gguf": str(engine.path), "torch_dtype": resolve_dtype(cfg.model.dtype),
+              "large": cfg.model.large + (f" + adapter {args.adapter}" if args.adapter else ""),
+              "gguf": str(engine.path), "torch_dtype": resolve_dtype(cfg.model.dtype),
               "threads": torch.get_num_threads(), "eval_sets": {n: len(e) for n, e in eval_sets.items()},
               "max_new_tokens": cfg.eval.max_new_tokens, "batch_size": cfg.eval.batch_size,
               "teacher_forced": forced, "decoding": decoding, "identical_outputs": identical,

@@ -136,7 +136,8 @@ class ServerModels:
             from fedpt.models.llamacpp import LlamaCppModel, gguf_path
 
             small_engine = LlamaCppModel(gguf_path(cfg.model.small))
-        large_engine = getattr(large_source, "__self__", None)  # the LlamaCppModel behind engine.source
+        # llama.cpp's factory is the bound `LlamaCppModel.source`: its model also evaluates tuned large LMs
+        large_engine = large_source.__self__ if cfg.model.large_backend == "llamacpp" else None
         return cls(cfg, tokenizer, small, large, splits, load_eval_sets(cfg, splits), initial,
                    large_source=large_source, small_engine=small_engine, large_engine=large_engine)
 

@@ -76,10 +76,7 @@ def main() -> None:
     engine = LlamaCppModel(gguf_path(cfg.model.large))
     adapter = None
     if args.adapter:  # the tuned large LM as each engine evaluates it
-        import tempfile
-
         from fedpt.bench import with_random_lora
-        from fedpt.models.llamacpp import export_lora_gguf
 
         if args.adapter == "random":
             large = with_random_lora(large, cfg.lora, scale=0.01)
@@ -87,8 +84,7 @@ def main() -> None:
             from peft import PeftModel
 
             large = PeftModel.from_pretrained(large, args.adapter).eval()
-        with tempfile.TemporaryDirectory() as tmp:  # llama.cpp copies the adapter at load
-            adapter = engine.load_adapter(export_lora_gguf(large, Path(tmp) / "adapter.gguf"))
+        adapter = engine.load_peft_adapter(large)
     sources = {"torch": lambda: LocalLogitSource(large), "llama.cpp": lambda: engine.source(adapter)}
     eval_sets = {name: examples[: args.prompts] for name, examples in load_eval_sets(cfg, load_splits(cfg)).items()}
 

@@ -185,13 +185,10 @@ def bench_dtype(cfg: Any, bench: BenchConfig, dtype: str, log: Callable[[str], N
     }
     engine = llamacpp_engine(cfg.model.large) if bench.llamacpp else None
     if engine is not None:
-        import tempfile
-
-        from fedpt.models.llamacpp import LlamaCppAdapterDiff, export_lora_gguf
+        from fedpt.models.llamacpp import LlamaCppAdapterDiff
 
         small_engine = llamacpp_engine(cfg.model.small)
-        with tempfile.TemporaryDirectory() as tmp:  # the same random adapter, as GGUF
-            adapter = small_engine.load_adapter(export_lora_gguf(small, Path(tmp) / "adapter.gguf"))
+        adapter = small_engine.load_peft_adapter(small)  # the same random adapter, as GGUF
         sources |= {
             "large alone (llamacpp)": engine.source,
             "proxy (llamacpp large)": lambda: ProxyTunedLM(engine.source(), MixedAdapterDiff(small), cfg.proxy.alpha),

@@ -172,14 +172,9 @@ class ServerModels:
         """``z_small_tuned - z_small_base`` for the loaded adapter, where ``model.small_proxy_backend`` says."""
         if self.small_engine is None:
             return MixedAdapterDiff(self.small)
-        import tempfile
-        from pathlib import Path
+        from fedpt.models.llamacpp import LlamaCppAdapterDiff
 
-        from fedpt.models.llamacpp import LlamaCppAdapterDiff, export_lora_gguf
-
-        with tempfile.TemporaryDirectory(prefix="fedpt-adapter-") as tmp:  # llama.cpp copies it at load
-            adapter = self.small_engine.load_adapter(export_lora_gguf(self.small, Path(tmp) / "adapter.gguf"))
-        return LlamaCppAdapterDiff(self.small_engine, adapter)
+        return LlamaCppAdapterDiff(self.small_engine, self.small_engine.load_peft_adapter(self.small))
 
     # -- the models as evaluated ---------------------------------------------------------------
 
@@ -192,15 +187,8 @@ class ServerModels:
         model = self.model(device_model)
         if self.cfg.model.eval_engine != "llamacpp":
             return LocalLogitSource(model)
-        import tempfile
-        from pathlib import Path
-
-        from fedpt.models.llamacpp import export_lora_gguf
-
         engine = self.small_engine if device_model == "small" else self.large_engine
-        with tempfile.TemporaryDirectory(prefix="fedpt-adapter-") as tmp:  # llama.cpp copies it at load
-            adapter = engine.load_adapter(export_lora_gguf(model, Path(tmp) / "adapter.gguf"))
-        return engine.source(adapter)
+        return engine.source(engine.load_peft_adapter(model))
 
     # -- step 5: distillation ---------------------------------------------------------------
 

@@ -189,6 +189,13 @@ class LlamaCppModel(_ClosedWhenCollected):
     def load_adapter(self, path: Path) -> LlamaCppAdapter:
         return LlamaCppAdapter(self, path)
 
+    def load_peft_adapter(self, peft_model: Any) -> LlamaCppAdapter:
+        """A peft model's active LoRA adapter, exported to GGUF (``export_lora_gguf``) and loaded here."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="fedpt-adapter-") as tmp:  # llama.cpp copies it at load
+            return self.load_adapter(export_lora_gguf(peft_model, Path(tmp) / "adapter.gguf"))
+
     def close(self) -> None:
         if getattr(self, "model", None):
             self.lib.llama_model_free(self.model)

@@ -99,7 +99,7 @@ def test_a_round_with_30_percent_of_devices_failing_completes(tmp_path, monkeypa
     assert summary["systems"]["fedpt"]["final"]["round"] == 2
 
 
-def inmemory_pool_method():
+def actor_pool_fetch():
     from flwr.simulation.ray_transport.ray_actor import BasicActorPool
 
     return BasicActorPool.fetch_result_and_return_actor_to_pool
@@ -132,9 +132,9 @@ def test_a_dead_device_process_is_replaced_and_its_loss_is_recorded(tmp_path, ca
     devices = json.loads((out / "summary.json").read_text())["systems"]["fedpt"]["device_rounds"]
     assert (devices["trained"], devices["lost"]) == (7, 1) and devices["why"][0].startswith("round 1: node ")
     assert "fedpt: 1 of 8 device rounds lost (first: round 1: node " in capsys.readouterr().out
-    patched = inmemory_pool_method()
+    patched = actor_pool_fetch()
     replace_dead_actors()  # idempotent: patched once per process
-    assert inmemory_pool_method() is patched
+    assert actor_pool_fetch() is patched
 
 
 def test_a_device_sends_only_its_adapter_and_counts(tiny_cfg, fedpt_home):

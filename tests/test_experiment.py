@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from fedpt.cli import main
 
@@ -10,9 +11,11 @@ from .conftest import FAST
 
 
 
-def _proxy_scores(run_dir, system: str, alphas) -> dict[float, float]:
-    """Rouge-L on the first evaluation set of the large LM proxy-tuned by ``system``'s saved adapter."""
-    from peft import PeftModel
+def _proxy_scores(run_dir, system: str, alphas, expert=None) -> dict[float, float]:
+    """Rouge-L on the first evaluation set of the large LM proxy-tuned by ``system``'s saved adapter
+    (or by the adapter tensors in the safetensors file ``expert``)."""
+    from peft import PeftModel, set_peft_model_state_dict
+    from safetensors.torch import load_file
 
     from fedpt.config import load_config
     from fedpt.evaluate import evaluate_rouge
@@ -26,6 +29,8 @@ def _proxy_scores(run_dir, system: str, alphas) -> dict[float, float]:
     examples = next(iter(load_eval_sets(cfg, load_splits(cfg)).values()))
     large = LocalLogitSource(load_model(cfg.model.large, cfg.model.dtype))
     tuned = PeftModel.from_pretrained(load_model(cfg.model.small, cfg.model.dtype), run_dir / system / "adapter")
+    if expert is not None:
+        set_peft_model_state_dict(tuned, load_file(expert))
     return {alpha: evaluate_rouge(ProxyTunedLM(large, MixedAdapterDiff(tuned), alpha), tokenizer, examples, cfg.eval,
                                   cfg.data).rouge_l
             for alpha in alphas}
@@ -42,7 +47,8 @@ def test_experiment_writes_results_and_resumes(tmp_path, capsys):
         assert heading in results
     assert (out / "rouge_per_round.png").stat().st_size > 10_000 and (out / "alpha_sweep.png").is_file()
     sweep = json.loads((out / "alpha_sweep.json").read_text())
-    assert set(sweep) == {"fedpt"} and set(sweep["fedpt"]) == {"0.0", "1.0", "2.0"}
+    assert set(sweep) == {"fedpt", "fedpt:aggregated"}
+    assert set(sweep["fedpt"]) == set(sweep["fedpt:aggregated"]) == {"0.0", "1.0", "2.0"}
     rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     by = {(r["system"], r["round"]): r for r in rows}
     # alpha = 0 is the large LM alone (round 0's score). The run's own alpha (1) is taken from its
@@ -51,6 +57,18 @@ def test_experiment_writes_results_and_resumes(tmp_path, capsys):
     assert sweep["fedpt"]["0.0"]["dolly-tiny"] == by[("fedpt", 0)]["rougeL_sets"]["dolly-tiny"]["large"]
     for alpha, score in _proxy_scores(out, "fedpt", (1.0, 2.0)).items():
         assert sweep["fedpt"][str(alpha)]["dolly-tiny"] == score, alpha
+    # The other expert: the last round's FedAvg'd adapter before distillation (saved by the round).
+    # alpha = 0 is the large LM again, whichever expert; the others match a proxy built from the file.
+    aggregated = out / "fedpt" / "aggregated" / "round-2.safetensors"
+    assert sweep["fedpt:aggregated"]["0.0"] == sweep["fedpt"]["0.0"]
+    expected = _proxy_scores(out, "fedpt", (1.0, 2.0), expert=aggregated)
+    for alpha, score in expected.items():
+        assert sweep["fedpt:aggregated"][str(alpha)]["dolly-tiny"] == score, alpha
+    from safetensors.torch import load_file
+
+    before, after = load_file(aggregated), load_file(out / "fedpt" / "adapter" / "adapter_model.safetensors")
+    assert any(not torch.allclose(before[k], after[k].float()) for k in before), "not the pre-distillation adapter"
+    assert (out / "fedpt" / "predictions" / "round-0002.dolly-tiny.proxy-aggregated-alpha1.jsonl").is_file()
     for system in ("fedpt", "fedavg-small", "fedavg-large", "fedavg-pt"):
         assert f"| {system} |" in results
     rounds_before = sorted((out / "rounds.jsonl").read_text().splitlines())

@@ -33,7 +33,7 @@ from fedpt.config import SYSTEMS, FedPTConfig, load_config
 from fedpt.errors import FedPTError
 from fedpt.metrics import RoundLog, RoundRecord
 from fedpt.models.loading import resolve_dtype
-from fedpt.report import PIECES, read_pieces, sweep_file, write_report
+from fedpt.report import AGGREGATED, PIECES, read_pieces, sweep_file, write_report
 
 DEFAULT_ALPHAS = (0.5, 1.0, 1.5, 2.0)
 
@@ -186,6 +186,7 @@ def alpha_sweep(cfg: FedPTConfig, out_dir: Path, alphas: tuple[float, ...],
     from safetensors.torch import load_file
 
     from fedpt.evaluate import decodings, protocol_name
+    from fedpt.federation.strategy import aggregated_adapter_path
     from fedpt.predictions import per_prompt_scores, read_predictions, write_predictions
     from fedpt.progress import PromptProgress, evaluate_sets
     from fedpt.server import ServerModels, load_splits
@@ -204,21 +205,29 @@ def alpha_sweep(cfg: FedPTConfig, out_dir: Path, alphas: tuple[float, ...],
                 values = list(per_prompt_scores(rows).values())[:cfg.eval.sweep_size or None]
                 scores[name] = sum(values) / len(values)
             sweep.setdefault(system, {})[str(cfg.proxy.alpha)] = scores
-    todo = [(system, alpha) for system in systems for alpha in alphas if str(alpha) not in sweep.get(system, {})]
+    # FedPT's own expert is distilled: its difference from the base also carries what the large LM
+    # taught it, so alpha = 1 may count the large LM twice. The last round's pre-distillation
+    # adapter (what step 4 steered with) is swept too, where the run saved it.
+    experts = {system: out_dir / system / "adapter" / "adapter_model.safetensors" for system in systems}
+    for system in systems:
+        aggregated = aggregated_adapter_path(out_dir, system, last.get(system, 0))
+        if system in final and aggregated.is_file():
+            experts[system + AGGREGATED] = aggregated
+    todo = [(key, alpha) for alpha in alphas for key in experts if str(alpha) not in sweep.get(key, {})]
     if not todo:
         return sweep
-    server = ServerModels.load(cfg, load_splits(cfg), large_trainable=False)
+    server = ServerModels.load(cfg, load_splits(cfg), large_trainable=False, run_dir=out_dir)
     server.eval_sets = {name: server.eval_sets[name][:cfg.eval.sweep_size or None] for name in wanted}
     total = len(todo) * sum(len(e) for e in server.eval_sets.values()) * len(decodings(cfg.eval))
     progress = PromptProgress("alpha sweep", total, protocol_name(cfg.eval), enabled=show_progress)
     try:
         for system, alpha in todo:
-            adapter = load_file(out_dir / system / "adapter" / "adapter_model.safetensors")
-            set_peft_model_state_dict(server.small, adapter)
+            set_peft_model_state_dict(server.small, load_file(experts[system]))
             results = evaluate_sets(server, server.proxy_tune(alpha=alpha), f"{system} proxy alpha={alpha:g}",
-                                    progress)
+                                    progress, identity=server.identity("proxy", alpha))
+            owner = system.partition(AGGREGATED)[0]
             for name, result in results.items():
-                write_predictions(sweep_file(out_dir, cfg, system, last[system], name, alpha), result)
+                write_predictions(sweep_file(out_dir, cfg, system, last[owner], name, alpha), result)
             sweep.setdefault(system, {})[str(alpha)] = {name: r.rouge_l for name, r in results.items()}
             path.write_text(json.dumps(sweep, indent=1))  # saved per alpha: a stop loses at most one
             progress.note(f"alpha sweep: {system} alpha={alpha}: "

@@ -19,7 +19,32 @@ class Progress:
                                                        "[{elapsed}<{remaining}]")
 
     def phase(self, system: str, server_round: int, phase: str) -> None:
-        self.bar.set_description_str(f"{system} round {server_round}/{self.rounds}: {phase}")
+        self._phase = f"{system} round {server_round}/{self.rounds}: {phase}"
+        self.bar.set_description_str(self._phase)
+
+    # ``ServerModels.evaluate`` reports its sets here (the interface of ``PromptProgress``):
+    # the phase shows the model, set and prompts done with an ETA; a line per finished set.
+    def start(self, model: str, set_name: str, prompts: int, seeds: int = 1) -> None:
+        import time
+
+        self._set = [f"{model} on {set_name}", prompts * seeds, 0, time.perf_counter()]
+        self.advance(0)
+
+    def advance(self, prompts: int) -> None:
+        import time
+
+        label, total, done, started = self._set
+        self._set[2] = done = done + prompts
+        elapsed = time.perf_counter() - started
+        eta = f", ~{elapsed / done * (total - done):.0f} s left" if done and done < total else ""
+        self.bar.set_description_str(f"{getattr(self, '_phase', '')}: {label} {done}/{total} prompts{eta}")
+
+    def done(self, model: str, set_name: str, result) -> None:
+        import time
+
+        seconds = time.perf_counter() - self._set[3]
+        self.bar.write(f"  {model} on {set_name}: Rouge-L {result.rouge_l:.2f} ({result.num_prompts} prompts, "
+                       f"{seconds:.0f} s)", file=sys.stderr)
 
     def skip(self, rounds: int) -> None:
         """Rounds finished by an earlier run (resume)."""
@@ -91,16 +116,9 @@ class PromptProgress:
         self.bar.close()
 
 
-def evaluate_sets(server, source, label: str, progress: PromptProgress | None) -> dict:
-    """``ServerModels.evaluate`` set by set, reporting each batch to ``progress``: {set: EvalResult}."""
-    from fedpt.evaluate import decodings, evaluate_rouge
+def evaluate_sets(server, source, label: str, progress: PromptProgress | None, identity: str | None = None) -> dict:
+    """``ServerModels.evaluate`` set by set, reporting each batch to ``progress``: {set: EvalResult}.
 
-    results = {}
-    for set_name, examples in server.eval_sets.items():
-        if progress is not None:
-            progress.start(label, set_name, len(examples), len(decodings(server.cfg.eval)))
-        results[set_name] = evaluate_rouge(source, server.tokenizer, examples, server.cfg.eval, server.cfg.data,
-                                           on_prompts=progress.advance if progress is not None else None)
-        if progress is not None:
-            progress.done(label, set_name, results[set_name])
-    return results
+    ``identity`` (``ServerModels.identity``) lets finished sets come from, and go to, the run's eval cache.
+    """
+    return server.evaluate(source, identity=identity, progress=progress, label=label)

@@ -107,11 +107,22 @@ def round_intervals(run_dir: Path, records: list[RoundRecord]) -> dict[tuple[str
             for role, interval in roles.items()}
 
 
+AGGREGATED = ":aggregated"  # alpha_sweep.json key suffix: the proxy steered by the pre-distillation adapter
+
+
 def sweep_file(out_dir: Path, cfg: FedPTConfig, system: str, final_round: int, set_name: str, alpha: float) -> Path:
-    """The predictions behind one alpha-sweep value: the run's own alpha is its last round's proxy file."""
+    """The predictions behind one alpha-sweep value: the run's own alpha is its last round's proxy file.
+
+    ``system`` may carry ``AGGREGATED`` (``fedpt:aggregated``): the proxy-tuned large LM whose small
+    expert is the last round's FedAvg'd adapter before distillation, not the distilled one.
+    """
     from fedpt.predictions import prediction_path
 
-    model = "proxy" if alpha == cfg.proxy.alpha else f"proxy-alpha{alpha:g}"
+    system, aggregated, _ = system.partition(AGGREGATED)
+    if aggregated:
+        model = f"proxy-aggregated-alpha{alpha:g}"
+    else:
+        model = "proxy" if alpha == cfg.proxy.alpha else f"proxy-alpha{alpha:g}"
     return prediction_path(out_dir, system, final_round, set_name, model)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fedpt.config import FedPTConfig
@@ -25,7 +26,8 @@ from fedpt.data.records import (
 )
 from fedpt.distill import DistillResult, distill
 from fedpt.errors import FedPTError
-from fedpt.evaluate import EvalResult, evaluate_rouge
+from fedpt.eval_cache import EvalCache, adapter_digest
+from fedpt.evaluate import EvalResult, evaluate_rouge, example_id
 from fedpt.models.logits import LocalLogitSource, LogitSource, MixedAdapterDiff
 from fedpt.models.lora import attach_lora, get_adapter_state, set_adapter_state
 from fedpt.proxy import ProxyTunedLM
@@ -109,14 +111,18 @@ class ServerModels:
     splits: Splits
     eval_sets: dict[str, list[Example]]
     initial: dict[str, dict[str, Any]] = field(default_factory=dict)  # adapters before any training
-    _round0: dict[str, dict[str, EvalResult]] = field(default_factory=dict)
+    eval_cache: EvalCache | None = None  # finished (model, set) evaluations: see fedpt.eval_cache
 
     large_source: Callable[[], LogitSource] | None = None  # a fresh black-box LogitSource per call
     small_engine: Any = None  # the small LM in llama.cpp (model.small_proxy_backend = "llamacpp")
     large_engine: Any = None  # the large LM in llama.cpp (model.large_backend = "llamacpp")
 
     @classmethod
-    def load(cls, cfg: FedPTConfig, splits: Splits, large_trainable: bool) -> ServerModels:
+    def load(cls, cfg: FedPTConfig, splits: Splits, large_trainable: bool,
+             run_dir: Path | None = None) -> ServerModels:
+        """``run_dir``: where finished evaluations are kept (``<run_dir>/eval-cache``), so a stop
+        loses at most the set being decoded; None keeps them in memory."""
+        from fedpt.eval_cache import FOLDER
         from fedpt.models.loading import load_model, load_tokenizer
 
         tokenizer = load_tokenizer(cfg.model.small)
@@ -139,6 +145,7 @@ class ServerModels:
         # llama.cpp's factory is the bound `LlamaCppModel.source`: its model also evaluates tuned large LMs
         large_engine = large_source.__self__ if cfg.model.large_backend == "llamacpp" else None
         return cls(cfg, tokenizer, small, large, splits, load_eval_sets(cfg, splits), initial,
+                   eval_cache=EvalCache(cfg.to_dict(), run_dir / FOLDER if run_dir is not None else None),
                    large_source=large_source, small_engine=small_engine, large_engine=large_engine)
 
     # -- adapters ----------------------------------------------------------------------------
@@ -201,12 +208,37 @@ class ServerModels:
 
     # -- evaluation -------------------------------------------------------------------------
 
-    def evaluate(self, source: LogitSource, key: str | None = None) -> dict[str, EvalResult]:
-        """Rouge-L on every evaluation set; ``key`` memoises pretrained-model scores shared by systems."""
-        if key is not None and key in self._round0:
-            return self._round0[key]
-        results = {name: evaluate_rouge(source, self.tokenizer, examples, self.cfg.eval, self.cfg.data)
-                   for name, examples in self.eval_sets.items()}
-        if key is not None:
-            self._round0[key] = results
+    def identity(self, role: str, alpha: float | None = None) -> str:
+        """What an evaluated model is, for ``evaluate``'s cache: the role plus a digest of the adapter
+        that defines it (the small one for the proxy, with its alpha)."""
+        digest = adapter_digest(self.adapter_state("large" if role == "large" else "small"))
+        if role == "proxy":
+            return f"proxy@{digest}@alpha={self.cfg.proxy.alpha if alpha is None else alpha:g}"
+        return f"{role}@{digest}"
+
+    def evaluate(self, source: LogitSource, identity: str | None = None, progress: Any = None,
+                 label: str = "") -> dict[str, EvalResult]:
+        """Rouge-L on every evaluation set. With ``identity`` (``"small"``/``"large"`` for the
+        pretrained models, shared by every system; ``identity(role)`` after training) each set's
+        result is kept in ``eval_cache`` as soon as it is done and reused instead of recomputed.
+        ``progress`` (a ``fedpt.progress.PromptProgress``) is told of every set and batch as ``label``."""
+        from fedpt.evaluate import decodings
+
+        results = {}
+        for name, examples in self.eval_sets.items():
+            key = (self.eval_cache.key(identity, name, [example_id(ex) for ex in examples])
+                   if identity is not None and self.eval_cache is not None else None)
+            result = self.eval_cache.get(key) if key is not None else None
+            if progress is not None:
+                progress.start(label, name, len(examples), len(decodings(self.cfg.eval)))
+            if result is None:
+                result = evaluate_rouge(source, self.tokenizer, examples, self.cfg.eval, self.cfg.data,
+                                        on_prompts=progress.advance if progress is not None else None)
+                if key is not None:
+                    self.eval_cache.put(key, result)
+            elif progress is not None:
+                progress.advance(len(examples) * len(decodings(self.cfg.eval)))
+            if progress is not None:
+                progress.done(label, name, result)
+            results[name] = result
         return results

@@ -269,7 +269,14 @@ class FedPTStrategy(FedAvg):
     def proxy_tune_and_distill(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
         """Steps 4 and 5: the averaged small adapter steers the large LM, which then teaches it."""
         self.phase(server_round, "proxy-tuning + distillation")
-        self.server.load_adapter("small", arrays_to_state(arrays))
+        aggregated = arrays_to_state(arrays)
+        self.server.load_adapter("small", aggregated)
+        if self.run_dir is not None:  # the expert step 4 steers with, before step 5 moves it (aggregated_adapter_path)
+            from safetensors.torch import save_file
+
+            path = aggregated_adapter_path(self.run_dir, self.spec.name, server_round)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in aggregated.items()}, str(path))
         # builds the proxy-tuned teacher (step 4) itself
         result = self.server.distill(server_round, after_step=lambda step: kill_point("distillation", server_round))
         self.record.kd_loss, self.record.distill_seconds = result.loss, result.seconds
@@ -323,7 +330,8 @@ class FedPTStrategy(FedAvg):
         def score(role: str, source: LogitSource, into: list[RoundRecord], field: str) -> None:
             # At round 0 every adapter is the identity (LoRA B = 0): these are the pretrained
             # models, scored once and shared by all systems of the run.
-            results = server.evaluate(source, key=role if server_round == 0 else None)
+            results = server.evaluate(source, identity=role if server_round == 0 else server.identity(role),
+                                      progress=self.progress, label=role)
             for member in into:
                 for set_name, result in results.items():
                     member.rougeL_sets.setdefault(set_name, {})[role] = result.rouge_l
@@ -388,6 +396,15 @@ class FedPTStrategy(FedAvg):
     def phase(self, server_round: int, phase: str) -> None:
         if self.progress is not None:
             self.progress.phase(self.spec.name, server_round, phase)
+
+
+def aggregated_adapter_path(run_dir: Path, system: str, server_round: int) -> Path:
+    """FedPT's FedAvg'd small adapter of a round before distillation (peft state-dict keys, fp32).
+
+    Its difference from the base is what the devices learned; the distilled adapter's also carries
+    what the large LM taught it. Proxy-tuning with either is a choice the alpha sweep compares.
+    """
+    return run_dir / system / "aggregated" / f"round-{server_round}.safetensors"
 
 
 @contextmanager

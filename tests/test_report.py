@@ -128,7 +128,37 @@ def test_missing_systems_are_not_yet_run_rows(tmp_path):
     # links are relative to the output file; the prediction files are named
     assert "../exp/fedpt/predictions/round-0002.s1.proxy.jsonl" in text
     assert plots == ["rouge_per_round.png"]  # the sweep's prediction file is missing: no sweep plot
-    assert "| fedpt | 2.0 | s1 | predictions missing |" in text
+    assert "| fedpt, distilled expert | 2.0 | s1 | predictions missing |" in text
+
+
+def test_the_two_experts_are_compared_prompt_by_prompt(tmp_path):
+    """The sweep's pre-distillation expert against the distilled one: the paired difference pooled
+    over the sets, recomputed here with numpy from the same synthetic per-prompt scores."""
+    folder = fake_experiment(tmp_path / "exp", systems=("fedpt",))
+    rng = np.random.default_rng(3)
+    sweep, diffs = {"fedpt": {}, "fedpt:aggregated": {}}, {}
+    for alpha, gap in (("0.5", 0.0), ("1.5", 4.0)):  # alpha 1.0 is the run's own (round-0002 proxy files)
+        for set_name in SETS:
+            base = rng.uniform(10, 60, N)
+            distilled, aggregated = base + rng.normal(0, 1, N), base + gap + rng.normal(0, 1, N)
+            _write(folder / "fedpt" / "predictions" / f"round-0002.{set_name}.proxy-alpha{alpha}.jsonl", distilled)
+            _write(folder / "fedpt" / "predictions" / f"round-0002.{set_name}.proxy-aggregated-alpha{alpha}.jsonl",
+                   aggregated)
+            sweep["fedpt"].setdefault(alpha, {})[set_name] = float(distilled.mean())
+            sweep["fedpt:aggregated"].setdefault(alpha, {})[set_name] = float(aggregated.mean())
+            diffs.setdefault(alpha, []).extend(aggregated - distilled)
+    (folder / "alpha_sweep.json").write_text(json.dumps(sweep))
+    text, plots = render(folder, tmp_path / "docs" / "results.md")
+    section = text.split("### Which expert should steer the large LM")[1].split("\n#")[0]
+    rows = {line.split(" | ")[1]: line for line in section.splitlines() if line.startswith("| fedpt | ")}
+    assert set(rows) == {"0.5", "1.5"}
+    for alpha, values in diffs.items():
+        assert f"| {2 * N} | " in rows[alpha]  # both sets pooled
+        assert f" {np.mean(values):+.2f} [" in rows[alpha]
+    assert rows["0.5"].endswith("| not distinguishable at this size |")
+    assert rows["1.5"].endswith("| pre-distillation expert higher than distilled expert |")
+    assert "| fedpt, pre-distillation expert | 1.5 | s2 | " in text
+    assert plots == ["rouge_per_round.png", "alpha_sweep.png"]
 
 
 def test_report_is_deterministic_and_quick_at_paper_size(tmp_path):

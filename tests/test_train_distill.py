@@ -1,6 +1,7 @@
 import copy
 
 import pytest
+import torch
 
 from fedpt.data.prompts import format_prompt
 from fedpt.data.records import load_examples, split_examples
@@ -40,6 +41,25 @@ def test_distillation_lowers_teacher_student_kl(tiny_pair, tiny_cfg):
     result = distill(teacher, student, tokenizer, prompts, cfg, tiny_cfg.data, seed=0)
     assert result.kl_after < 0.9 * result.kl_before
     assert result.teacher_tokens > 0 and result.steps == 20
+
+
+def test_pool_kl_is_only_a_diagnostic(tiny_pair, tiny_cfg):
+    """distill.pool_kl off (qwen-cpu, paper-cpu) skips the two student passes over the pool and
+    trains the very same adapter as with it on."""
+    tokenizer, small, large = tiny_pair
+    prompts = [format_prompt(ex, "alpaca") for ex in _splits().kd_pool[:8]]
+    outcomes = {}
+    for pool_kl in (True, False):
+        student = attach_lora(copy.deepcopy(small), tiny_cfg.lora, seed=0)
+        teacher = ProxyTunedLM(LocalLogitSource(large), MixedAdapterDiff(student), alpha=1.0)
+        cfg = copy.deepcopy(tiny_cfg.distill)
+        cfg.steps, cfg.pool_kl = 3, pool_kl
+        result = distill(teacher, student, tokenizer, prompts, cfg, tiny_cfg.data, seed=0)
+        outcomes[pool_kl] = (result, get_adapter_state(student))
+    (on, state_on), (off, state_off) = outcomes[True], outcomes[False]
+    assert on.kl_before > 0 and on.kl_after > 0 and off.kl_before is None and off.kl_after is None
+    assert off.loss == on.loss
+    assert all(torch.equal(state_on[k], state_off[k]) for k in state_on)
 
 
 def test_teacher_cache_holds_response_positions_only(tiny_pair, tiny_cfg):

@@ -263,6 +263,9 @@ class DistillConfig:
     ce_weight: float = 0.0  # 0 = pure forward KL; >0 mixes CE on the teacher's tokens
     max_new_tokens: int = 32  # teacher response length
     teacher_decoding: str = "greedy"  # greedy | sample
+    # Forward KL teacher -> student over the whole KD pool before and after the student steps
+    # (rounds.jsonl kd_kl_before/after): a diagnostic costing two extra student passes per round.
+    pool_kl: bool = False
 
     def validate(self) -> None:
         _check_positive("distill.steps", self.steps)

@@ -42,8 +42,8 @@ class KDBatch:
 
 @dataclass
 class DistillResult:
-    kl_before: float  # mean forward KL over the pool's response tokens, before the student steps
-    kl_after: float  # ... and after
+    kl_before: float | None  # mean forward KL over the pool's response tokens, before the student steps
+    kl_after: float | None  # ... and after (None unless distill.pool_kl: two extra student passes)
     loss: float  # mean training loss over the steps
     steps: int
     teacher_tokens: int
@@ -157,7 +157,7 @@ def distill(
                              on_batch=lambda rows, steps: kept.extend(
                                  response_logprobs(rows, steps, cfg.max_new_tokens, cfg.temperature)))
     batches = build_kd_batches(teacher, tokenizer, prompts, responses, cfg, data_cfg, teacher_logprobs=kept)
-    kl_before = pool_kl(student, batches, cfg.temperature)
+    kl_before = pool_kl(student, batches, cfg.temperature) if cfg.pool_kl else None
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
     losses = []
@@ -174,7 +174,7 @@ def distill(
             after_step(step)
     student.eval()
     return DistillResult(
-        kl_before=kl_before, kl_after=pool_kl(student, batches, cfg.temperature),
+        kl_before=kl_before, kl_after=pool_kl(student, batches, cfg.temperature) if cfg.pool_kl else None,
         loss=sum(losses) / len(losses), steps=cfg.steps,
         teacher_tokens=sum(int(b.select.sum()) for b in batches), seconds=time.perf_counter() - start,
     )

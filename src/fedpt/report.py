@@ -133,19 +133,62 @@ def sweep_values(folder: Folder) -> list[dict]:
 
     rows = []
     last = folder.final_rounds()
-    for system in [s for s in SYSTEMS if s in folder.sweep and s in last]:
+    for system in sweep_keys(folder):
         by_alpha = folder.sweep[system]
         for alpha in sorted(by_alpha, key=float):
             for set_name in by_alpha[alpha]:
-                path = sweep_file(folder.path, folder.cfg, system, last[system], set_name, float(alpha))
-                row = {"system": system, "alpha": alpha, "set": set_name, "path": path, "value": None, "ci": None}
+                path = sweep_file(folder.path, folder.cfg, system, last[system.partition(AGGREGATED)[0]], set_name,
+                                  float(alpha))
+                row = {"system": system, "alpha": alpha, "set": set_name, "path": path, "value": None, "ci": None,
+                       "scores": None}
                 if path.is_file():
-                    scores = list(per_prompt_scores(read_predictions(path)).values())
-                    scores = scores[:folder.cfg.eval.sweep_size or None]
-                    row["value"] = sum(scores) / len(scores)
-                    row["ci"] = bootstrap_ci(scores).to_json()
+                    scores = per_prompt_scores(read_predictions(path))
+                    scores = dict(list(scores.items())[:folder.cfg.eval.sweep_size or None])
+                    row["value"] = sum(scores.values()) / len(scores)
+                    row["ci"] = bootstrap_ci(list(scores.values())).to_json()
+                    row["scores"] = scores
                 rows.append(row)
     return rows
+
+
+def sweep_keys(folder: Folder) -> list[str]:
+    """The swept models in ``alpha_sweep.json`` whose system finished: each system, then its
+    pre-distillation expert (``fedpt:aggregated``)."""
+    last = folder.final_rounds()
+    return [key for system in SYSTEMS if system in last
+            for key in (system, system + AGGREGATED) if key in folder.sweep]
+
+
+def sweep_label(key: str) -> str:
+    system, aggregated, _ = key.partition(AGGREGATED)
+    if aggregated:
+        return f"{system}, pre-distillation expert"
+    return f"{system}, distilled expert" if system == "fedpt" else system
+
+
+def expert_rows(sweep: list[dict]) -> list[dict]:
+    """Per system with both experts and per alpha both have: the paired difference pre-distillation
+    minus distilled expert, pooled over the swept sets (the prompts both were scored on)."""
+    from fedpt.intervals import verdict
+    from fedpt.stats import paired_bootstrap_diff
+
+    pooled: dict[tuple[str, str], dict[str, float]] = {}
+    for row in sweep:
+        if row["scores"] is not None:
+            into = pooled.setdefault((row["system"], row["alpha"]), {})
+            into |= {f"{row['set']}/{pid}": v for pid, v in row["scores"].items()}
+    out = []
+    for (key, alpha), scores in pooled.items():
+        system, aggregated, _ = key.partition(AGGREGATED)
+        distilled = pooled.get((system, alpha))
+        if not aggregated or distilled is None or distilled.keys() != scores.keys():
+            continue
+        diff = paired_bootstrap_diff(scores, distilled)
+        out.append({"system": system, "alpha": alpha, "n": len(scores),
+                    "aggregated": sum(scores.values()) / len(scores),
+                    "distilled": sum(distilled.values()) / len(distilled), "diff": diff.to_json(),
+                    "verdict": verdict(diff, "pre-distillation expert", "distilled expert")})
+    return sorted(out, key=lambda r: (r["system"], float(r["alpha"])))
 
 
 def headline_summary(folder: Folder) -> dict:
@@ -453,7 +496,21 @@ def _sweep(folder: Folder, sweep: list[dict], link) -> list[str]:
     for row in sweep:
         value = f"{row['value']:.2f}" if row["value"] is not None else "predictions missing"
         ci = f"[{row['ci']['low']:.2f}, {row['ci']['high']:.2f}]" if row["ci"] else ""
-        lines.append(f"| {row['system']} | {row['alpha']} | {row['set']} | {value} | {ci} | {link(row['path'])} |")
+        lines.append(f"| {sweep_label(row['system'])} | {row['alpha']} | {row['set']} | {value} | {ci} | "
+                     f"{link(row['path'])} |")
+    experts = expert_rows(sweep)
+    if experts:
+        lines += ["", "### Which expert should steer the large LM", "",
+                  "FedPT's distilled small LM already carries what the proxy-tuned large LM taught it, so "
+                  "steering the large LM with it may count the large LM twice; the pre-distillation expert is "
+                  "the last round's FedAvg'd adapter, what step 4 steered with. Paired over the swept prompts "
+                  "of every set (95% bootstrap interval of pre-distillation minus distilled):", "",
+                  "| system | alpha | prompts | pre-distillation | distilled | difference [95% CI] | verdict |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in experts:
+            d = r["diff"]
+            lines.append(f"| {r['system']} | {r['alpha']} | {r['n']} | {r['aggregated']:.2f} | {r['distilled']:.2f} | "
+                         f"{d['estimate']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] | {r['verdict']} |")
     return lines + [""]
 
 
@@ -587,7 +644,8 @@ def make_plots(out_dir: Path, folder: Folder, sweep: list[dict], intervals: dict
             for set_name in dict.fromkeys(row["set"] for row in sweep if row["system"] == system):
                 points = [(float(row["alpha"]), row["value"]) for row in sweep
                           if row["system"] == system and row["set"] == set_name and row["value"] is not None]
-                ax.plot(*zip(*points), marker="o", label=f"{system}: {set_name}")
+                ax.plot(*zip(*points), marker="o", linestyle="--" if AGGREGATED in system else "-",
+                        label=f"{sweep_label(system)}: {set_name}")
         ax.set_xlabel("alpha")
         ax.set_ylabel("Rouge-L (proxy-tuned large)")
         ax.grid(alpha=0.3)

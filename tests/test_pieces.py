@@ -81,7 +81,7 @@ def test_pieces_give_the_results_of_one_run(pieces):
             if exact:
                 assert rows == other, name
     # the alpha sweep ran in the fedpt piece, over the same prompts
-    assert json.loads((folder / "alpha_sweep.json").read_text()).keys() == {"fedpt"}
+    assert json.loads((folder / "alpha_sweep.json").read_text()).keys() == {"fedpt", "fedpt:aggregated"}
     assert (folder / "fedpt" / "predictions" / "round-0002.dolly-tiny.proxy-alpha0.jsonl").is_file()
     # one summary over both pieces; pieces.json: one entry per piece, with CPU, dtype and wall time
     summary = json.loads((folder / "summary.json").read_text())

@@ -93,6 +93,12 @@ def test_sigkill_at_a_named_point_then_resume_is_bit_identical(uninterrupted, tm
     assert main(["run", "--no-progress", "--resume", str(out)]) == 0
     assert_same_run(uninterrupted, out)
     assert not list((out / "fedpt" / "checkpoints").glob(".round-*"))  # a torn write is cleaned up
+    if point == "evaluation":
+        # Killed between round 2's small-LM and proxy evaluations: the redone round 2 trains the
+        # same adapter, so its small-LM scores come from eval-cache/; only round 3's are decoded.
+        phases = json.loads((out / "profile.json").read_text())["phases"]
+        assert phases["evaluation: small"]["calls"] == 1
+        assert phases["evaluation: proxy"]["calls"] == 2
 
 
 STOP_LIMIT = 30.0  # seconds from SIGTERM to the last process of the run gone (issue 17)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fedpt import profile
 from fedpt.config import DataConfig, DistillConfig
 from fedpt.data.prompts import IGNORE_INDEX, collate, encode_prompt
 from fedpt.models.logits import LogitSource, positions_from_mask
@@ -142,6 +143,12 @@ def pool_kl(student: Any, batches: list[KDBatch], temperature: float) -> float:
     return total / max(count, 1)
 
 
+def _timed_pool_kl(student: Any, batches: list[KDBatch], temperature: float) -> float:
+    with profile.phase("kd pool KL (distill.pool_kl)"):
+        profile.count(passes=1, tokens=sum(int(b.attention_mask.sum()) for b in batches))
+        return pool_kl(student, batches, temperature)
+
+
 def distill(
     teacher: LogitSource, student: Any, tokenizer: Any, prompts: list[str],
     cfg: DistillConfig, data_cfg: DataConfig, seed: int, after_step: Callable[[int], None] | None = None,
@@ -153,28 +160,31 @@ def distill(
     start = time.perf_counter()
     decoding = Decoding(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.teacher_decoding == "sample", seed=seed)
     kept: list[torch.Tensor] = []  # the teacher's log-probabilities, batch by batch as it decodes
-    responses = generate_ids(teacher, tokenizer, prompts, decoding, cfg.batch_size, data_cfg.max_prompt_tokens,
-                             on_batch=lambda rows, steps: kept.extend(
-                                 response_logprobs(rows, steps, cfg.max_new_tokens, cfg.temperature)))
-    batches = build_kd_batches(teacher, tokenizer, prompts, responses, cfg, data_cfg, teacher_logprobs=kept)
-    kl_before = pool_kl(student, batches, cfg.temperature) if cfg.pool_kl else None
+    with profile.phase("kd teacher decoding"):
+        responses = generate_ids(teacher, tokenizer, prompts, decoding, cfg.batch_size, data_cfg.max_prompt_tokens,
+                                 on_batch=lambda rows, steps: kept.extend(
+                                     response_logprobs(rows, steps, cfg.max_new_tokens, cfg.temperature)))
+        batches = build_kd_batches(teacher, tokenizer, prompts, responses, cfg, data_cfg, teacher_logprobs=kept)
+    kl_before = _timed_pool_kl(student, batches, cfg.temperature) if cfg.pool_kl else None
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
     losses = []
     student.train()
     for step in range(cfg.steps):
         batch = batches[step % len(batches)]
-        loss = kd_loss(_student_logits(student, batch), batch, cfg.temperature, cfg.ce_weight)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        with profile.phase("kd student steps"):
+            loss = kd_loss(_student_logits(student, batch), batch, cfg.temperature, cfg.ce_weight)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            profile.count(steps=1, tokens=int(batch.attention_mask.sum()))
         if after_step is not None:
             after_step(step)
     student.eval()
     return DistillResult(
-        kl_before=kl_before, kl_after=pool_kl(student, batches, cfg.temperature) if cfg.pool_kl else None,
+        kl_before=kl_before, kl_after=_timed_pool_kl(student, batches, cfg.temperature) if cfg.pool_kl else None,
         loss=sum(losses) / len(losses), steps=cfg.steps,
         teacher_tokens=sum(int(b.select.sum()) for b in batches), seconds=time.perf_counter() - start,
     )

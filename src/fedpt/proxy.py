@@ -186,6 +186,8 @@ def decode(
     With ``step_logits``, each step's raw logits (B, V) are appended to it: step j's row b is the
     distribution the j-th new token of row b (or its stop token) was picked from.
     """
+    from fedpt import profile
+
     session = DecodeSession(source, input_ids, attention_mask, eos_ids, pad_id, cfg)
     new_tokens: list[torch.Tensor] = []
     try:
@@ -197,7 +199,11 @@ def decode(
     finally:
         session.close()
     out = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in range(len(input_ids))]
-    return [_until_eos(row, set(eos_ids)) for row in out]
+    responses = [_until_eos(row, set(eos_ids)) for row in out]
+    # prefill = 1 pass over the prompts; every later step reads the weights once for all rows
+    profile.count(batches=1, rows=len(input_ids), prompt_tokens=int(attention_mask.sum()),
+                  decode_steps=max(len(new_tokens) - 1, 0), new_tokens=sum(len(r) for r in responses))
+    return responses
 
 
 def _until_eos(row: list[int], eos: set[int]) -> list[int]:

@@ -191,15 +191,35 @@ def run(cfg: FedPTConfig, out_dir: Path, overwrite: bool = False, verbose: bool 
     from fedpt.federation.simulation import simulate
     from fedpt.progress import Progress
 
+    from fedpt import profile
+
     with prepared_run(cfg, out_dir, overwrite=overwrite, resume=resume) as eval_sizes:
         progress = Progress(cfg.run.systems, cfg.federation.rounds, enabled=show_progress)
+        profile.reset()
         start = time.perf_counter()
         try:
             with PeakMemory() as memory:
                 records = simulate(cfg, out_dir, progress, verbose)
         finally:
             progress.close()
-        return write_summary(out_dir, cfg, records, eval_sizes, time.perf_counter() - start, memory.peak_bytes)
+        with profile.phase("summary writing"):
+            summary = write_summary(out_dir, cfg, records, eval_sizes, time.perf_counter() - start,
+                                    memory.peak_bytes)
+        profile.write(out_dir / "profile.json", time.perf_counter() - start,
+                      {"devices": device_work(cfg, records)})
+        return summary
+
+
+def device_work(cfg: FedPTConfig, records: list[RoundRecord]) -> dict:
+    """The devices' own clocks (other processes): device-seconds and tokens summed over device rounds
+    (once per training group: FedAvg+PT's records repeat FedAvg-small's device rounds)."""
+    from fedpt.systems import training_groups
+
+    trained = {group[0] for group in training_groups(cfg.run.systems)}
+    rows = [r for r in records if r.system in trained and r.round > 0 and r.device_train_seconds is not None]
+    return {"device_rounds": sum(r.clients for r in rows),
+            "device_seconds": sum(r.device_train_seconds * r.clients for r in rows),
+            "tokens": sum((r.device_train_tokens or 0) * r.clients for r in rows)}
 
 
 def write_partition_report(out_dir: Path, histogram: dict[str, list[int]]) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedpt import profile
 from fedpt.config import FedPTConfig
 from fedpt.data.prompts import format_prompt
 from fedpt.data.records import (
@@ -122,6 +123,11 @@ class ServerModels:
              run_dir: Path | None = None) -> ServerModels:
         """``run_dir``: where finished evaluations are kept (``<run_dir>/eval-cache``), so a stop
         loses at most the set being decoded; None keeps them in memory."""
+        with profile.phase("model loading (server)"):
+            return cls._load(cfg, splits, large_trainable, run_dir)
+
+    @classmethod
+    def _load(cls, cfg: FedPTConfig, splits: Splits, large_trainable: bool, run_dir: Path | None) -> ServerModels:
         from fedpt.eval_cache import FOLDER
         from fedpt.models.loading import load_model, load_tokenizer
 
@@ -232,8 +238,9 @@ class ServerModels:
             if progress is not None:
                 progress.start(label, name, len(examples), len(decodings(self.cfg.eval)))
             if result is None:
-                result = evaluate_rouge(source, self.tokenizer, examples, self.cfg.eval, self.cfg.data,
-                                        on_prompts=progress.advance if progress is not None else None)
+                with profile.phase(f"evaluation: {label or 'model'}"):
+                    result = evaluate_rouge(source, self.tokenizer, examples, self.cfg.eval, self.cfg.data,
+                                            on_prompts=progress.advance if progress is not None else None)
                 if key is not None:
                     self.eval_cache.put(key, result)
             elif progress is not None:

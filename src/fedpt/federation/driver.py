@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, Context, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, Krum, Strategy
 
+from fedpt import profile
 from fedpt.checkpoint import check_same_config, load_checkpoint, save_checkpoint
 from fedpt.config import FedPTConfig
 from fedpt.federation.records import UNIFORM_WEIGHT_KEY, arrays_to_state, state_to_arrays, train_config
@@ -159,6 +160,7 @@ def make_aggregator(cfg: FedPTConfig, **sampling: Any) -> Strategy | None:
 def _checkpointer(folder: Path, cfg: FedPTConfig, round_log: RoundLog, system: str):
     """Save the global adapter, records and strategy state after every round (``on_round_end``)."""
     def save(server_round: int, arrays: ArrayRecord, state: dict[str, Any]) -> None:
-        records = [json.loads(r.to_json()) for r in round_log.records if r.system == system]
-        save_checkpoint(folder, server_round, arrays_to_state(arrays), cfg.to_dict(), records, state)
+        with profile.phase("checkpoint writing"):
+            records = [json.loads(r.to_json()) for r in round_log.records if r.system == system]
+            save_checkpoint(folder, server_round, arrays_to_state(arrays), cfg.to_dict(), records, state)
     return save

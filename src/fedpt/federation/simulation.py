@@ -6,6 +6,7 @@ import logging
 import os
 from pathlib import Path
 
+from fedpt import profile
 from fedpt.config import FedPTConfig
 from fedpt.errors import FedPTError
 from fedpt.metrics import RoundRecord
@@ -55,7 +56,8 @@ def simulate(cfg: FedPTConfig, out_dir: Path | None, progress: Progress | None =
     # lines; `fedpt run` would also start, and have to stop, a SuperLink with its detached
     # SuperExec on a port of this machine. `flwr run .` is supported as the other way in
     # (`fedpt.federation.server_app`): same preparation, same rounds.
-    _start_ray(backend_config["init_args"])
+    with profile.phase("ray start-up"):
+        _start_ray(backend_config["init_args"])
     replace_dead_actors()  # a device process killed (e.g. for memory) must not silently cost every later round
     try:  # Flower re-raises the ServerApp's error here, or only logs it: catch both ways
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.num_clients,

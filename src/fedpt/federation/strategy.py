@@ -35,6 +35,7 @@ from flwr.serverapp import Grid
 from flwr.common.logger import log
 from flwr.serverapp.strategy import FedAvg, Strategy
 
+from fedpt import profile
 from fedpt.errors import FedPTError, ServiceError
 from fedpt.faults import kill_point
 from fedpt.federation.local_dp import LocalDp
@@ -163,6 +164,7 @@ class FedPTStrategy(FedAvg):
         self._broadcast = arrays_to_state(arrays)  # what valid replies must match in keys, shapes, dtypes
         self.begin_round(server_round, [m.metadata.dst_node_id for m in messages], arrays.count_bytes())
         self.phase(server_round, f"device training ({len(messages)} devices)")
+        self._sent_at = time.perf_counter()
         if kill_point_armed := _timer_kill("device-training", server_round):
             kill_point_armed.start()  # fires once the messages are out and devices are training
         return messages
@@ -173,6 +175,9 @@ class FedPTStrategy(FedAvg):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.first_round
         replies = list(replies)
+        if getattr(self, "_sent_at", None) is not None:  # broadcast to the last reply (or the timeout)
+            profile.add("device rounds (wait)", time.perf_counter() - self._sent_at, rounds=1)
+            self._sent_at = None
         record = self.record
         ok, problems = [], []
         self._norms = []  # L2 norms of the valid updates (to choose a DP clip or a norm bound)
@@ -199,7 +204,7 @@ class FedPTStrategy(FedAvg):
             # DP-FedAvg weighs devices equally: the mean's sensitivity is then clip / n.
             for message in ok:
                 message.content[METRICS_KEY][UNIFORM_WEIGHT_KEY] = 1
-        with self.server_step(server_round, "aggregation"):
+        with self.server_step(server_round, "aggregation"), profile.phase("aggregation"):
             arrays, metrics = aggregate(server_round, ok)  # step 3: FedAvg (or a robust / DP variant)
         if arrays is None:
             raise FedPTError(f"round {server_round}: the aggregator returned no model "

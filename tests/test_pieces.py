@@ -100,9 +100,11 @@ def test_pieces_give_the_results_of_one_run(pieces):
 @pytest.mark.slow
 def test_the_alpha_sweep_shows_model_set_prompts_and_eta(pieces):
     err = pieces["stderr"].replace("\r", "\n")
-    assert "alpha sweep: 8 prompt decodings (greedy, max_new_tokens=8)" in err
+    # alpha 0 and 1 for both experts, alpha 1 of the distilled one read from the run: 3 x 8 prompts
+    assert "alpha sweep: 24 prompt decodings (greedy, max_new_tokens=8)" in err
     assert "fedpt proxy alpha=0 on dolly-tiny (8 prompts) |" in err
-    assert "8/8 prompts [" in err and "<" in err  # tqdm: elapsed<remaining
+    assert "fedpt:aggregated proxy alpha=1 on dolly-tiny (8 prompts) |" in err
+    assert "24/24 prompts [" in err and "<" in err  # tqdm: elapsed<remaining
     assert "fedpt proxy alpha=0 on dolly-tiny: Rouge-L" in err
 
 

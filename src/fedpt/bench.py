@@ -357,6 +357,10 @@ def costs_markdown(report: dict[str, Any]) -> list[str]:
                       f"**P8** peak memory **{job['P8_peak_memory_bytes'] / 2**30:.2f} GiB** all processes "
                       f"(target ≤ 10), largest device process **{job['P8_device_process_peak_bytes'] / 2**30:.2f} GiB** "
                       f"(target ≤ 3); devices trained per round {job['devices_trained_per_round']}."]
+        if "phases" in job:
+            from fedpt import bench_phases
+
+            lines += ["", *bench_phases.markdown(job["phases"])]
     return lines
 
 

@@ -28,6 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fedpt.config import FedPTConfig
 from fedpt.errors import FedPTError
 
@@ -187,4 +189,10 @@ def default_job(cfg: FedPTConfig, runs_dir: Path, log: Callable[[str], None]) ->
     log(f"P7: {result['P7_wall_seconds'] / 60:.1f} min; P8: {result['P8_peak_memory_bytes'] / 2**30:.2f} GiB all "
         f"processes, device process {result['P8_device_process_peak_bytes'] / 2**30:.2f} GiB"
         + (" (read from a finished run)" if reused else ""))
+    if (folder / "profile.json").is_file():  # runs of older versions have none
+        from fedpt import bench_phases
+
+        result["phases"] = bench_phases.measure(cfg, folder, threads=torch.get_num_threads())
+        for line in bench_phases.markdown(result["phases"]):
+            log(line)
     return result

@@ -1,0 +1,33 @@
+"""``fedpt bench --parts job``'s phase table: each phase's bound recomputed here from the models' parameters."""
+
+import pytest
+
+from fedpt.bench_phases import phase_table
+from fedpt.config import load_config
+from fedpt.models.loading import load_model
+
+BANDWIDTH, GEMM, GEMM_ONE = 2e9, 5e9, 1e9
+
+
+def test_each_phase_is_divided_by_its_own_bound():
+    cfg = load_config(preset="tiny")  # torch everywhere, float32
+    assert cfg.model.large_backend == "local" and cfg.model.eval_engine == "torch"
+    n_small = sum(p.numel() for p in load_model(cfg.model.small, "float32").parameters())
+    n_large = sum(p.numel() for p in load_model(cfg.model.large, "float32").parameters())
+    decoding = {"batches": 2, "rows": 16, "prompt_tokens": 1000, "decode_steps": 40, "new_tokens": 300}
+    profile = {"phases": {"evaluation: small": {"seconds": 3.0, "calls": 2, **decoding},
+                          "evaluation: proxy": {"seconds": 6.0, "calls": 2, **decoding},
+                          "kd student steps": {"seconds": 4.0, "calls": 3, "steps": 3, "tokens": 900},
+                          "ray start-up": {"seconds": 5.0, "calls": 1}},
+               "devices": {"device_rounds": 4, "device_seconds": 80.0, "tokens": 5000}}
+    rows = {row["phase"]: row for row in phase_table(cfg, profile, BANDWIDTH, GEMM, GEMM_ONE)}
+    # decoding: each step reads every weight once (4 bytes in float32); the prefill is 2 FLOPs per
+    # parameter per prompt token. The torch proxy runs the small LM's two views as one doubled batch.
+    small = 40 * 4 * n_small / BANDWIDTH + 1000 * 2 * n_small / GEMM
+    proxy = 40 * 4 * (n_large + n_small) / BANDWIDTH + 1000 * 2 * (n_large + n_small) / GEMM
+    assert rows["evaluation: small"]["ratio"] == pytest.approx(small / 3.0)
+    assert rows["evaluation: proxy"]["ratio"] == pytest.approx(proxy / 6.0)
+    assert rows["kd student steps"]["ratio"] == pytest.approx(6 * n_small * 900 / GEMM / 4.0)
+    devices = rows["device steps (devices' own clocks, summed)"]
+    assert devices["ratio"] == pytest.approx(6 * n_small * 5000 / GEMM_ONE / 80.0)
+    assert rows["ray start-up"]["kind"] == "overhead" and rows["ray start-up"]["ratio"] is None

@@ -214,6 +214,8 @@ def alpha_sweep(cfg: FedPTConfig, out_dir: Path, alphas: tuple[float, ...],
         if system in final and aggregated.is_file():
             experts[system + AGGREGATED] = aggregated
     todo = [(key, alpha) for alpha in alphas for key in experts if str(alpha) not in sweep.get(key, {})]
+    # The run's own alpha first: for the pre-distillation expert it is the question the sweep is for
+    todo.sort(key=lambda item: item[1] != cfg.proxy.alpha)
     if not todo:
         return sweep
     server = ServerModels.load(cfg, load_splits(cfg), large_trainable=False, run_dir=out_dir)

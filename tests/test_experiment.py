@@ -1,6 +1,11 @@
 """`fedpt experiment` on the tiny pair: every artefact is written, and a rerun resumes instead of redoing."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -84,3 +89,33 @@ def test_experiment_refuses_a_different_config(tmp_path, capsys):
     (out / "notes.txt").write_text("mine")
     assert main(["experiment", "--preset", "tiny", "--out", str(out)]) == 2
     assert "not a fedpt experiment" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_stop_during_the_alpha_sweep_says_how_to_go_on_and_the_rerun_finishes_it(tmp_path):
+    """SIGTERM while the sweep decodes (after Flower's simulation took the signals over): exit
+    128 + 15 with the one line saying what to do, and the same command finishes the sweep."""
+    out, marker = tmp_path / "exp", tmp_path / "paused"
+    args = ["experiment", "--preset", "tiny", "--no-progress", "--out", str(out), "--alphas", "0,1",
+            "--systems", "fedpt", *FAST]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "FEDPT_PAUSE_AT": "alpha-sweep@2",
+           "FEDPT_PAUSE_FILE": str(marker)}
+    proc = subprocess.Popen([sys.executable, "-m", "fedpt.cli", *args], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while not marker.is_file():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 128 + signal.SIGTERM, err.decode()[-2000:]
+    assert err.decode().strip().splitlines()[-1] == ("stopped by SIGTERM; finished rounds are kept: run the same "
+                                                     "command again to continue")
+    assert main(args) == 0
+    sweep = json.loads((out / "alpha_sweep.json").read_text())
+    assert set(sweep["fedpt"]) == set(sweep["fedpt:aggregated"]) == {"0.0", "1.0"}

@@ -186,6 +186,7 @@ def alpha_sweep(cfg: FedPTConfig, out_dir: Path, alphas: tuple[float, ...],
     from safetensors.torch import load_file
 
     from fedpt.evaluate import decodings, protocol_name
+    from fedpt.faults import pause_point
     from fedpt.federation.strategy import aggregated_adapter_path
     from fedpt.predictions import per_prompt_scores, read_predictions, write_predictions
     from fedpt.progress import PromptProgress, evaluate_sets
@@ -224,6 +225,7 @@ def alpha_sweep(cfg: FedPTConfig, out_dir: Path, alphas: tuple[float, ...],
     progress = PromptProgress("alpha sweep", total, protocol_name(cfg.eval), enabled=show_progress)
     try:
         for system, alpha in todo:
+            pause_point("alpha-sweep", last[system.partition(AGGREGATED)[0]])  # tests stop the command here
             set_peft_model_state_dict(server.small, load_file(experts[system]))
             results = evaluate_sets(server, server.proxy_tune(alpha=alpha), f"{system} proxy alpha={alpha:g}",
                                     progress, identity=server.identity("proxy", alpha))

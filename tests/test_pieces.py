@@ -167,6 +167,8 @@ def test_export_keeps_what_the_report_needs(pieces, tmp_path, capsys, monkeypatc
                sorted(p.name for p in (folder / system / "predictions").iterdir())
     summary = json.loads((dest / "summary.json").read_text())
     assert summary["systems"]["fedpt"]["predictions"] == "fedpt/predictions"
+    # both experts' sweep values travel with FedPT
+    assert json.loads((dest / "alpha_sweep.json").read_text()) == json.loads((folder / "alpha_sweep.json").read_text())
     # The report of the exported folder is the run folder's, number for number (only the links differ).
     out_run, out_dest = render(folder, folder / "results.md")[0], render(dest, dest / "results.md")[0]
     assert out_run.replace("# FedPT experiment: pieces", "") == out_dest.replace("# FedPT experiment: paper", "")

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from fedpt.config import SYSTEMS, load_config
 from fedpt.errors import FedPTError
-from fedpt.report import PIECES, SWEEP, Folder, read_pieces
+from fedpt.report import AGGREGATED, PIECES, SWEEP, Folder, read_pieces
 
 MAX_FILE_BYTES = 10 * 2**20
 PARTITIONS = ("partitions.json", "partitions.md", "partitions.png")
@@ -107,10 +107,13 @@ def export_experiment(run: Path, dest: Path, systems: list[str] | None = None, r
 
 
 def _same_system(source: Folder, target: Folder, name: str) -> bool:
-    """Same records and the same prediction files (names and bytes) in both folders."""
+    """Same records, alpha-sweep entries and prediction files (names and bytes) in both folders."""
     mine = [r.to_json() for r in source.records if r.system == name]
     theirs = [r.to_json() for r in target.records if r.system == name]
     if mine != theirs:
+        return False
+    swept = lambda folder: {k: v for k, v in folder.sweep.items() if k.partition(AGGREGATED)[0] == name}  # noqa: E731
+    if swept(source) != swept(target):
         return False
     a, b = source.path / name / "predictions", target.path / name / "predictions"
     names = sorted(p.name for p in a.glob("*.jsonl"))
@@ -144,10 +147,13 @@ def _stage(source: Folder, target: Folder, systems: list[str], stage: Path) -> l
                and (p.get("started"), tuple(p.get("systems", []))) not in known]
     pieces.sort(key=lambda p: p.get("started") or "")
     write(PIECES, json.dumps(pieces, indent=1) + "\n")
-    sweep = {s: v for s, v in target.sweep.items() if s not in systems} | \
-            {s: v for s, v in source.sweep.items() if s in systems}
+    # a sweep key is a system, or a system's other expert ("fedpt:aggregated"): it goes with its system
+    owner = lambda key: key.partition(AGGREGATED)[0]  # noqa: E731
+    sweep = {s: v for s, v in target.sweep.items() if owner(s) not in systems} | \
+            {s: v for s, v in source.sweep.items() if owner(s) in systems}
     if sweep:
-        write(SWEEP, json.dumps({s: sweep[s] for s in SYSTEMS if s in sweep}, indent=1) + "\n")
+        order = [key for name in SYSTEMS for key in (name, name + AGGREGATED) if key in sweep]
+        write(SWEEP, json.dumps({key: sweep[key] for key in order}, indent=1) + "\n")
     for name in systems:
         for path in sorted((source.path / name / "predictions").glob("*.jsonl")):
             write(f"{name}/predictions/{path.name}", path.read_bytes())

@@ -188,3 +188,28 @@ def test_a_data_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
     assert _error_line(capsys) == (f"error: {data}:7: not UTF-8 text (byte 0xe9 at column {column}); "
                                    "save the file as UTF-8")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("systems, large_backend, views, expected_server, expected_device", [
+    # sizes below: small torch 10, large torch 30, small GGUF 4, large GGUF 12
+    (["fedpt"], "local", "torch", 10 + 30, 10),
+    (["fedpt"], "llamacpp", "llamacpp", 10 + 12 + 4, 10),
+    # fedavg-large trains the large LM in torch: with llama.cpp serving it, the server holds both
+    (["fedpt", "fedavg-large"], "llamacpp", "llamacpp", 10 + 12 + 4 + 30, 30),
+    (["fedpt", "fedavg-large"], "local", "torch", 10 + 30, 30),  # one torch copy carries the adapter
+])
+def test_the_memory_check_counts_every_copy_the_run_holds(monkeypatch, systems, large_backend, views,
+                                                          expected_server, expected_device):
+    from fedpt.config import load_config
+    from fedpt.models import loading
+    from fedpt.runner import weights_needed
+
+    engine = "llamacpp" if large_backend == "llamacpp" else "torch"  # fedavg-large beside llama.cpp needs it
+    cfg = load_config(preset="tiny", overrides=[f"run.systems={systems}", f"model.large_backend='{large_backend}'",
+                                                f"model.small_proxy_backend='{views}'", f"model.eval_engine='{engine}'"])
+    torch_sizes = {cfg.model.small: 10, cfg.model.large: 30}
+    gguf_sizes = {cfg.model.small: 4, cfg.model.large: 12}
+    monkeypatch.setattr(loading, "weights_bytes", lambda spec, dtype: torch_sizes[spec])
+    monkeypatch.setattr(loading, "gguf_bytes", lambda spec: gguf_sizes[spec])
+    server, device, _ = weights_needed(cfg)
+    assert (server, device) == (expected_server, expected_device)

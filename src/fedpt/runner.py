@@ -79,33 +79,50 @@ def check_llamacpp_runs_here(cfg: FedPTConfig) -> None:
         model.small_proxy_backend = model.eval_engine = "torch"
 
 
-def check_memory(cfg: FedPTConfig) -> None:
-    """Refuse a run whose model weights alone exceed the memory available now (when their size is known).
+def weights_needed(cfg: FedPTConfig) -> tuple[int, int, int] | None:
+    """(bytes the server holds, bytes one training device holds, devices training at once), or None
+    when a size is not known up front.
 
-    The server holds both models; each device training at the same time holds its own copy of
-    the model it tunes. Activations come on top, so passing this check is necessary, not sufficient.
+    The server holds the small LM in torch, the large LM where its backend runs it (torch weights,
+    the GGUF file llama.cpp maps, nothing for a remote service), the small GGUF when llama.cpp runs
+    the proxy's small views, and, for fedavg-large with a non-torch large backend, a torch copy of
+    the large LM that carries its adapter. Each device training at once holds the LM it tunes.
     """
     import os
 
-    import psutil
-
     from fedpt.models.loading import gguf_bytes, weights_bytes
 
-    small = weights_bytes(cfg.model.small, cfg.model.dtype)
-    # a remote large LM's weights live with its service; llama.cpp maps the GGUF file (its size)
-    large = {"local": lambda: weights_bytes(cfg.model.large, cfg.model.dtype),
-             "llamacpp": lambda: gguf_bytes(cfg.model.large)}.get(cfg.model.large_backend, lambda: 0)()
-    if small is None or large is None:
-        return
-    fed = cfg.federation
-    device = large if "fedavg-large" in cfg.run.systems else small
+    model, fed = cfg.model, cfg.federation
+    small = weights_bytes(model.small, model.dtype)
+    large_torch = weights_bytes(model.large, model.dtype)
+    served = {"local": large_torch, "llamacpp": gguf_bytes(model.large)}.get(model.large_backend, 0)
+    fedavg_large = "fedavg-large" in cfg.run.systems
+    small_views = gguf_bytes(model.small) if model.small_proxy_backend == "llamacpp" else 0
+    if None in (small, served, small_views) or (fedavg_large and large_torch is None):
+        return None
+    server = small + served + small_views + (large_torch if fedavg_large and model.large_backend != "local" else 0)
+    device = large_torch if fedavg_large else small
     concurrent = min(fed.clients_per_round, max(1, int((os.cpu_count() or 1) // fed.client_cpus)))
-    need = small + large + concurrent * device
+    return server, device, concurrent
+
+
+def check_memory(cfg: FedPTConfig) -> None:
+    """Refuse a run whose model weights alone exceed the memory available now (when their size is known).
+
+    Activations come on top, so passing this check is necessary, not sufficient.
+    """
+    import psutil
+
+    needed = weights_needed(cfg)
+    if needed is None:
+        return
+    server, device, concurrent = needed
+    need = server + concurrent * device
     available = psutil.virtual_memory().available
     if need > available:
         gib = 2**30
         raise FedPTError(f"the model weights alone need {need / gib:.1f} GiB in {resolve_dtype(cfg.model.dtype)} (server: "
-                         f"{(small + large) / gib:.1f}, {concurrent} device(s) at once: {concurrent * device / gib:.1f}) "
+                         f"{server / gib:.1f}, {concurrent} device(s) at once: {concurrent * device / gib:.1f}) "
                          f"but {available / gib:.1f} GiB is available: use smaller models, model.dtype='bfloat16', "
                          "or fewer devices at once (a larger federation.client_cpus)")
 

@@ -101,12 +101,14 @@ def test_every_rouge_l_is_recomputable_from_the_predictions(experiment):
     # results.md: every table row names its file; the headline block and the comparisons too
     results = (run / "results.md").read_text()
     table_rows = re.findall(r"^\| (\S+) \| (\d+) \| (\S+) \| (\S+) \| ([\d.]+) \| \[[^]]*\] \| (\S+) \|$", results, re.M)
-    sweep_rows = re.findall(r"^\| (\S+) \| ([\d.]+) \| (\S+) \| ([\d.]+) \| \[[^]]*\] \| (\S+) \|$", results, re.M)
+    sweep_rows = re.findall(r"^\| (fedpt, [a-z-]+ expert) \| ([\d.]+) \| (\S+) \| ([\d.]+) \| \[[^]]*\] \| (\S+) \|$",
+                            results, re.M)
     assert len(table_rows) == checked
     for system, rnd, set_name, model, value, path in table_rows:
         assert (run / path) == model_file(run, system, int(rnd), set_name, model.replace("pretrained-", ""))
         assert abs(recompute(run / path)[0] - float(value)) < PRINTED
-    assert {(s, a) for s, a, *_ in sweep_rows} == {("fedpt", "0.0"), ("fedpt", "1.0")}
+    assert {(s, a) for s, a, *_ in sweep_rows} == {(f"fedpt, {expert} expert", alpha) for alpha in ("0.0", "1.0")
+                                                   for expert in ("distilled", "pre-distillation")}
     for system, alpha, set_name, value, path in sweep_rows:
         assert abs(recompute(run / path)[0] - float(value)) < PRINTED
     headline = results.split("```")[1].splitlines()

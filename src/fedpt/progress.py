@@ -42,6 +42,8 @@ class Progress:
     def done(self, model: str, set_name: str, result) -> None:
         import time
 
+        if self.bar.disable:  # --no-progress: the round lines only
+            return
         seconds = time.perf_counter() - self._set[3]
         self.bar.write(f"  {model} on {set_name}: Rouge-L {result.rouge_l:.2f} ({result.num_prompts} prompts, "
                        f"{seconds:.0f} s)", file=sys.stderr)

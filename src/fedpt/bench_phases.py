@@ -22,7 +22,8 @@ the run's thread count), the GEMM bound as ``fedpt bench`` measures P3's.
 from __future__ import annotations
 
 import json
-import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,21 +35,24 @@ OVERHEAD = ("ray start-up", "model loading (server)", "device rounds (wait)", "a
             "summary writing")
 
 
-def memory_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
-    """Read bandwidth in bytes/s: the best of ``repeats`` sums over a ``gib`` GiB float32 tensor."""
+@contextmanager
+def _threads(threads: int) -> Iterator[None]:
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        data = torch.ones(int(gib * 2**30) // 4)
-        data.sum()  # pages touched, threads up
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            data.sum()
-            best = min(best, time.perf_counter() - start)
-        return data.numel() * 4 / best
+        yield
     finally:
         torch.set_num_threads(previous)
+
+
+def memory_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
+    """Read bandwidth in bytes/s: the best of ``repeats`` sums over a ``gib`` GiB float32 tensor."""
+    from fedpt.bench import best_seconds
+
+    with _threads(threads):
+        data = torch.ones(int(gib * 2**30) // 4)
+        data.sum()  # pages touched, threads up
+        return data.numel() * 4 / best_seconds(data.sum, repeats)
 
 
 def training_gemm_bound(cfg: FedPTConfig, threads: int) -> float:
@@ -56,13 +60,9 @@ def training_gemm_bound(cfg: FedPTConfig, threads: int) -> float:
     from fedpt.bench import gemm_bound
     from fedpt.models.loading import resolve_dtype
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _threads(threads):
         dtype = getattr(torch, resolve_dtype(cfg.model.dtype))
         return gemm_bound(dtype, rows=cfg.train.batch_size * 256, inner=896, outer=4864, repeats=3)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _params(spec: str) -> int:

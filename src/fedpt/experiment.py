@@ -33,7 +33,7 @@ from fedpt.config import SYSTEMS, FedPTConfig, load_config
 from fedpt.errors import FedPTError
 from fedpt.metrics import RoundLog, RoundRecord
 from fedpt.models.loading import resolve_dtype
-from fedpt.report import AGGREGATED, PIECES, read_pieces, sweep_file, write_report
+from fedpt.report import AGGREGATED, PIECES, read_pieces, sweep_file, sweep_key, write_report
 
 DEFAULT_ALPHAS = (0.5, 1.0, 1.5, 2.0)
 
@@ -225,11 +225,11 @@ def alpha_sweep(cfg: FedPTConfig, out_dir: Path, alphas: tuple[float, ...],
     progress = PromptProgress("alpha sweep", total, protocol_name(cfg.eval), enabled=show_progress)
     try:
         for system, alpha in todo:
-            pause_point("alpha-sweep", last[system.partition(AGGREGATED)[0]])  # tests stop the command here
+            owner = sweep_key(system)[0]
+            pause_point("alpha-sweep", last[owner])  # tests stop the command here
             set_peft_model_state_dict(server.small, load_file(experts[system]))
             results = evaluate_sets(server, server.proxy_tune(alpha=alpha), f"{system} proxy alpha={alpha:g}",
                                     progress, identity=server.identity("proxy", alpha))
-            owner = system.partition(AGGREGATED)[0]
             for name, result in results.items():
                 write_predictions(sweep_file(out_dir, cfg, system, last[owner], name, alpha), result)
             sweep.setdefault(system, {})[str(alpha)] = {name: r.rouge_l for name, r in results.items()}

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from fedpt.config import SYSTEMS, load_config
 from fedpt.errors import FedPTError
-from fedpt.report import AGGREGATED, PIECES, SWEEP, Folder, read_pieces
+from fedpt.report import PIECES, SWEEP, Folder, ordered_sweep_keys, read_pieces, sweep_key
 
 MAX_FILE_BYTES = 10 * 2**20
 PARTITIONS = ("partitions.json", "partitions.md", "partitions.png")
@@ -112,7 +112,7 @@ def _same_system(source: Folder, target: Folder, name: str) -> bool:
     theirs = [r.to_json() for r in target.records if r.system == name]
     if mine != theirs:
         return False
-    swept = lambda folder: {k: v for k, v in folder.sweep.items() if k.partition(AGGREGATED)[0] == name}  # noqa: E731
+    swept = lambda folder: {k: v for k, v in folder.sweep.items() if sweep_key(k)[0] == name}  # noqa: E731
     if swept(source) != swept(target):
         return False
     a, b = source.path / name / "predictions", target.path / name / "predictions"
@@ -148,12 +148,10 @@ def _stage(source: Folder, target: Folder, systems: list[str], stage: Path) -> l
     pieces.sort(key=lambda p: p.get("started") or "")
     write(PIECES, json.dumps(pieces, indent=1) + "\n")
     # a sweep key is a system, or a system's other expert ("fedpt:aggregated"): it goes with its system
-    owner = lambda key: key.partition(AGGREGATED)[0]  # noqa: E731
-    sweep = {s: v for s, v in target.sweep.items() if owner(s) not in systems} | \
-            {s: v for s, v in source.sweep.items() if owner(s) in systems}
+    sweep = {s: v for s, v in target.sweep.items() if sweep_key(s)[0] not in systems} | \
+            {s: v for s, v in source.sweep.items() if sweep_key(s)[0] in systems}
     if sweep:
-        order = [key for name in SYSTEMS for key in (name, name + AGGREGATED) if key in sweep]
-        write(SWEEP, json.dumps({key: sweep[key] for key in order}, indent=1) + "\n")
+        write(SWEEP, json.dumps({key: sweep[key] for key in ordered_sweep_keys(sweep)}, indent=1) + "\n")
     for name in systems:
         for path in sorted((source.path / name / "predictions").glob("*.jsonl")):
             write(f"{name}/predictions/{path.name}", path.read_bytes())

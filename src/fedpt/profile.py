@@ -35,26 +35,23 @@ def phase(name: str) -> Iterator[None]:
         elapsed = time.perf_counter() - entry[1]
         if _open:
             _open[-1][2] += elapsed
-        totals = _totals.setdefault(name, {"seconds": 0.0, "calls": 0})
-        totals["seconds"] += elapsed - entry[2]
-        totals["calls"] += 1
+        add(name, elapsed - entry[2])
 
 
 def count(**work: float) -> None:
     """Add work counters to the innermost open phase (nothing when no phase is open)."""
-    if not _open:
-        return
-    totals = _totals.setdefault(_open[-1][0], {"seconds": 0.0, "calls": 0})
-    for key, value in work.items():
-        totals[key] = totals.get(key, 0) + value
+    if _open:
+        _accumulate(_open[-1][0], work)
 
 
 def add(name: str, seconds: float, **work: float) -> None:
     """A phase timed by its caller (it spans calls, e.g. broadcast to last reply)."""
+    _accumulate(name, {"seconds": seconds, "calls": 1, **work})
+
+
+def _accumulate(name: str, values: dict[str, float]) -> None:
     totals = _totals.setdefault(name, {"seconds": 0.0, "calls": 0})
-    totals["seconds"] += seconds
-    totals["calls"] += 1
-    for key, value in work.items():
+    for key, value in values.items():
         totals[key] = totals.get(key, 0) + value
 
 

@@ -110,6 +110,18 @@ def round_intervals(run_dir: Path, records: list[RoundRecord]) -> dict[tuple[str
 AGGREGATED = ":aggregated"  # alpha_sweep.json key suffix: the proxy steered by the pre-distillation adapter
 
 
+def sweep_key(key: str) -> tuple[str, bool]:
+    """An ``alpha_sweep.json`` key as (its system, whether it is the pre-distillation expert)."""
+    system, aggregated, _ = key.partition(AGGREGATED)
+    return system, bool(aggregated)
+
+
+def ordered_sweep_keys(keys) -> list[str]:
+    """``keys`` in the experiment's order: each system, then its pre-distillation expert."""
+    keys = set(keys)
+    return [key for system in SYSTEMS for key in (system, system + AGGREGATED) if key in keys]
+
+
 def sweep_file(out_dir: Path, cfg: FedPTConfig, system: str, final_round: int, set_name: str, alpha: float) -> Path:
     """The predictions behind one alpha-sweep value: the run's own alpha is its last round's proxy file.
 
@@ -118,7 +130,7 @@ def sweep_file(out_dir: Path, cfg: FedPTConfig, system: str, final_round: int, s
     """
     from fedpt.predictions import prediction_path
 
-    system, aggregated, _ = system.partition(AGGREGATED)
+    system, aggregated = sweep_key(system)
     if aggregated:
         model = f"proxy-aggregated-alpha{alpha:g}"
     else:
@@ -137,8 +149,7 @@ def sweep_values(folder: Folder) -> list[dict]:
         by_alpha = folder.sweep[system]
         for alpha in sorted(by_alpha, key=float):
             for set_name in by_alpha[alpha]:
-                path = sweep_file(folder.path, folder.cfg, system, last[system.partition(AGGREGATED)[0]], set_name,
-                                  float(alpha))
+                path = sweep_file(folder.path, folder.cfg, system, last[sweep_key(system)[0]], set_name, float(alpha))
                 row = {"system": system, "alpha": alpha, "set": set_name, "path": path, "value": None, "ci": None,
                        "scores": None}
                 if path.is_file():
@@ -155,12 +166,11 @@ def sweep_keys(folder: Folder) -> list[str]:
     """The swept models in ``alpha_sweep.json`` whose system finished: each system, then its
     pre-distillation expert (``fedpt:aggregated``)."""
     last = folder.final_rounds()
-    return [key for system in SYSTEMS if system in last
-            for key in (system, system + AGGREGATED) if key in folder.sweep]
+    return [key for key in ordered_sweep_keys(folder.sweep) if sweep_key(key)[0] in last]
 
 
 def sweep_label(key: str) -> str:
-    system, aggregated, _ = key.partition(AGGREGATED)
+    system, aggregated = sweep_key(key)
     if aggregated:
         return f"{system}, pre-distillation expert"
     return f"{system}, distilled expert" if system == "fedpt" else system
@@ -179,7 +189,7 @@ def expert_rows(sweep: list[dict]) -> list[dict]:
             into |= {f"{row['set']}/{pid}": v for pid, v in row["scores"].items()}
     out = []
     for (key, alpha), scores in pooled.items():
-        system, aggregated, _ = key.partition(AGGREGATED)
+        system, aggregated = sweep_key(key)
         distilled = pooled.get((system, alpha))
         if not aggregated or distilled is None or distilled.keys() != scores.keys():
             continue
@@ -644,7 +654,7 @@ def make_plots(out_dir: Path, folder: Folder, sweep: list[dict], intervals: dict
             for set_name in dict.fromkeys(row["set"] for row in sweep if row["system"] == system):
                 points = [(float(row["alpha"]), row["value"]) for row in sweep
                           if row["system"] == system and row["set"] == set_name and row["value"] is not None]
-                ax.plot(*zip(*points), marker="o", linestyle="--" if AGGREGATED in system else "-",
+                ax.plot(*zip(*points), marker="o", linestyle="--" if sweep_key(system)[1] else "-",
                         label=f"{sweep_label(system)}: {set_name}")
         ax.set_xlabel("alpha")
         ax.set_ylabel("Rouge-L (proxy-tuned large)")

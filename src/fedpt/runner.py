@@ -208,7 +208,7 @@ def run(cfg: FedPTConfig, out_dir: Path, overwrite: bool = False, verbose: bool 
     from fedpt.federation.simulation import simulate
     from fedpt.progress import Progress
 
-    from fedpt import profile, stopping
+    from fedpt import profile
 
     with prepared_run(cfg, out_dir, overwrite=overwrite, resume=resume) as eval_sizes:
         progress = Progress(cfg.run.systems, cfg.federation.rounds, enabled=show_progress)
@@ -219,9 +219,6 @@ def run(cfg: FedPTConfig, out_dir: Path, overwrite: bool = False, verbose: bool 
                 records = simulate(cfg, out_dir, progress, verbose)
         finally:
             progress.close()
-        # Flower's simulation leaves its own SIGTERM/SIGINT handlers behind (a stopped experiment
-        # died silently in its alpha sweep): what the command does next stops cleanly again.
-        stopping.install(keep_message=True)
         with profile.phase("summary writing"):
             summary = write_summary(out_dir, cfg, records, eval_sizes, time.perf_counter() - start,
                                     memory.peak_bytes)

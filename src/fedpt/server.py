@@ -230,13 +230,14 @@ class ServerModels:
         ``progress`` (a ``fedpt.progress.PromptProgress``) is told of every set and batch as ``label``."""
         from fedpt.evaluate import decodings
 
+        seeds = len(decodings(self.cfg.eval))
         results = {}
         for name, examples in self.eval_sets.items():
             key = (self.eval_cache.key(identity, name, [example_id(ex) for ex in examples])
                    if identity is not None and self.eval_cache is not None else None)
             result = self.eval_cache.get(key) if key is not None else None
             if progress is not None:
-                progress.start(label, name, len(examples), len(decodings(self.cfg.eval)))
+                progress.start(label, name, len(examples), seeds)
             if result is None:
                 with profile.phase(f"evaluation: {label or 'model'}"):
                     result = evaluate_rouge(source, self.tokenizer, examples, self.cfg.eval, self.cfg.data,
@@ -244,7 +245,7 @@ class ServerModels:
                 if key is not None:
                     self.eval_cache.put(key, result)
             elif progress is not None:
-                progress.advance(len(examples) * len(decodings(self.cfg.eval)))
+                progress.advance(len(examples) * seeds)
             if progress is not None:
                 progress.done(label, name, result)
             results[name] = result

@@ -6,7 +6,7 @@ import logging
 import os
 from pathlib import Path
 
-from fedpt import profile
+from fedpt import profile, stopping
 from fedpt.config import FedPTConfig
 from fedpt.errors import FedPTError
 from fedpt.metrics import RoundRecord
@@ -64,6 +64,10 @@ def simulate(cfg: FedPTConfig, out_dir: Path | None, progress: Progress | None =
                        backend_config=backend_config, verbose_logging=verbose)
     except Exception as err:
         failure.append(err)
+    finally:
+        # Flower leaves its own SIGTERM/SIGINT handlers behind (a stopped experiment died silently
+        # in its alpha sweep): whatever the command does next stops cleanly again.
+        stopping.install(keep_message=True)
     resume = f"; the last checkpoint is intact: fedpt run --resume {out_dir}" if out_dir else ""
     if failure:
         err = failure[0]
@@ -90,8 +94,6 @@ def _start_ray(init_args: dict) -> None:
     import sys
 
     import ray
-
-    from fedpt import stopping
 
     if not ray.is_initialized():
         pythonpath = os.pathsep.join(sys.path)

@@ -53,7 +53,8 @@ def record_intervals(run_dir: Path, system: str, record: dict | None) -> dict[st
     return out
 
 
-def _side_scores(run_dir: Path, system: str, model: str, final_round: int, set_name: str) -> dict[str, float] | None:
+def side_scores(run_dir: Path, system: str, model: str, final_round: int, set_name: str) -> dict[str, float] | None:
+    """{prompt id: Rouge-L} of one side of a comparison (``pretrained-*``: round 0), None without its file."""
     server_round = 0 if model.startswith("pretrained-") else final_round
     path = prediction_path(run_dir, system, server_round, set_name, model)
     return per_prompt_scores(read_predictions(path)) if path.is_file() else None
@@ -72,8 +73,8 @@ def comparisons(run_dir: Path, final_rounds: dict[str, int], sets: list[str]) ->
         pooled_a: dict[str, float] = {}
         pooled_b: dict[str, float] = {}
         for set_name in sets:
-            a = _side_scores(run_dir, sys_a, model_a, final_rounds[sys_a], set_name)
-            b = _side_scores(run_dir, sys_b, model_b, final_rounds[sys_b], set_name)
+            a = side_scores(run_dir, sys_a, model_a, final_rounds[sys_a], set_name)
+            b = side_scores(run_dir, sys_b, model_b, final_rounds[sys_b], set_name)
             if a is None or b is None:
                 continue
             rows.append(_comparison_row(label, set_name, (sys_a, model_a), (sys_b, model_b), a, b))

@@ -201,6 +201,51 @@ def expert_rows(sweep: list[dict]) -> list[dict]:
     return sorted(out, key=lambda r: (r["system"], float(r["alpha"])))
 
 
+# What the pre-distillation expert's proxy is held against: the final models a user could ship
+# instead (FedPT's own product and by-product, the large LM untouched, and the baselines).
+EXPERT_REFERENCES: tuple[tuple[str, str, str], ...] = (
+    ("fedpt", "proxy", "FedPT's proxy (distilled expert)"),
+    ("fedpt", "pretrained-large", "pretrained large"),
+    ("fedpt", "small", "FedPT's distilled small"),
+    ("fedavg-large", "large", "FedAvg-large"),
+    ("fedavg-pt", "proxy", "FedAvg+PT proxy"),
+)
+
+
+def expert_comparisons(folder: Folder, sweep: list[dict]) -> list[dict]:
+    """The pre-distillation expert's proxy at the run's own alpha (fixed before the run: picking the
+    sweep's best alpha afterwards would flatter it) against each reference model that finished,
+    paired on the swept prompts of every set and pooled over them."""
+    from fedpt.intervals import side_scores, verdict
+    from fedpt.stats import paired_bootstrap_diff
+
+    if folder.cfg is None:
+        return []
+    alpha = str(float(folder.cfg.proxy.alpha))
+    last = folder.final_rounds(folder.finished())
+    out = []
+    for key in dict.fromkeys(row["system"] for row in sweep):
+        system, aggregated = sweep_key(key)
+        rows = [r for r in sweep if r["system"] == key and str(float(r["alpha"])) == alpha and r["scores"]]
+        if not aggregated or not rows or system not in last:
+            continue
+        ours = {f"{r['set']}/{pid}": v for r in rows for pid, v in r["scores"].items()}
+        for ref_system, model, label in EXPERT_REFERENCES:
+            if ref_system not in last:
+                continue
+            theirs: dict[str, float] = {}
+            for r in rows:
+                scores = side_scores(folder.path, ref_system, model, last[ref_system], r["set"]) or {}
+                theirs |= {f"{r['set']}/{pid}": scores[pid] for pid in r["scores"] if pid in scores}
+            if theirs.keys() != ours.keys():
+                continue  # a reference without every swept prompt is not compared
+            diff = paired_bootstrap_diff(ours, theirs)
+            out.append({"system": system, "alpha": alpha, "reference": label, "n": len(ours),
+                        "ours": sum(ours.values()) / len(ours), "theirs": sum(theirs.values()) / len(theirs),
+                        "diff": diff.to_json(), "verdict": verdict(diff, "pre-distillation proxy", label)})
+    return out
+
+
 def headline_summary(folder: Folder) -> dict:
     """What ``fedpt.runner.format_table`` prints, computed from the folder's records and predictions."""
     from fedpt.evaluate import protocol_name
@@ -508,18 +553,30 @@ def _sweep(folder: Folder, sweep: list[dict], link) -> list[str]:
         ci = f"[{row['ci']['low']:.2f}, {row['ci']['high']:.2f}]" if row["ci"] else ""
         lines.append(f"| {sweep_label(row['system'])} | {row['alpha']} | {row['set']} | {value} | {ci} | "
                      f"{link(row['path'])} |")
-    experts = expert_rows(sweep)
-    if experts:
+    experts, against = expert_rows(sweep), expert_comparisons(folder, sweep)
+    if experts or against:
         lines += ["", "### Which expert should steer the large LM", "",
                   "FedPT's distilled small LM already carries what the proxy-tuned large LM taught it, so "
                   "steering the large LM with it may count the large LM twice; the pre-distillation expert is "
-                  "the last round's FedAvg'd adapter, what step 4 steered with. Paired over the swept prompts "
-                  "of every set (95% bootstrap interval of pre-distillation minus distilled):", "",
+                  "the last round's FedAvg'd adapter, what step 4 steered with."]
+    if experts:
+        lines += ["", "Paired over the swept prompts of every set (95% bootstrap interval of pre-distillation "
+                  "minus distilled):", "",
                   "| system | alpha | prompts | pre-distillation | distilled | difference [95% CI] | verdict |",
                   "|---|---|---|---|---|---|---|"]
         for r in experts:
             d = r["diff"]
             lines.append(f"| {r['system']} | {r['alpha']} | {r['n']} | {r['aggregated']:.2f} | {r['distilled']:.2f} | "
+                         f"{d['estimate']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] | {r['verdict']} |")
+    if against:
+        lines += ["", f"The pre-distillation expert's proxy at the run's own alpha ({against[0]['alpha']}, fixed "
+                  "before the run) against the final models, paired on the same swept prompts of every set "
+                  "(95% bootstrap interval of pre-distillation proxy minus the model named):", "",
+                  "| system | compared with | prompts | pre-distillation proxy | that model | difference [95% CI] | "
+                  "verdict |", "|---|---|---|---|---|---|---|"]
+        for r in against:
+            d = r["diff"]
+            lines.append(f"| {r['system']} | {r['reference']} | {r['n']} | {r['ours']:.2f} | {r['theirs']:.2f} | "
                          f"{d['estimate']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] | {r['verdict']} |")
     return lines + [""]
 

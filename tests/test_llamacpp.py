@@ -92,6 +92,41 @@ def test_a_batch_larger_than_one_llama_decode_call(tiny_pair, engine, monkeypatc
     torch.testing.assert_close(engine.source().prefill(ids, mask), whole, atol=1e-4, rtol=0)
 
 
+HEADER = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+          "Write a response that appropriately completes the request.\n\n### Instruction:\n")
+SHARED_ATOL = 2e-3
+SHARED = [HEADER + "Name three birds.", "Hi", HEADER + "Name three birds that cannot fly, and say why not.",
+          HEADER + "Add 2 and 3.", "Hi there, how are you"]
+
+
+def test_rows_sharing_a_prefix_compute_it_once_and_decode_as_if_alone(tiny_pair, engine, monkeypatch):
+    """Prefill with shared prefixes (the template header computed once, its KV copied to the other
+    rows' streams) gives the logits of the same batch without sharing, at prefill and at every
+    decoding step after it; and it computes fewer tokens."""
+    from fedpt.models.llamacpp import LlamaCppLogitSource
+
+    ids, mask = padded_batch(tiny_pair[0], SHARED)
+    computed = []
+    decode = LlamaCppLogitSource._decode
+    monkeypatch.setattr(LlamaCppLogitSource, "_decode",
+                        lambda self, handle, tokens: computed.append(len(tokens)) or decode(self, handle, tokens))
+    shared, alone = engine.source(), engine.source()
+    alone.share_prefixes = False
+    # Not bit for bit: the rows' tokens go through llama.cpp in other batch shapes (other kernels'
+    # rounding); a wrong or missing copy moves logits by far more (see the mutations in the notes).
+    torch.testing.assert_close(shared.prefill(ids, mask), alone.prefill(ids, mask), atol=SHARED_ATOL, rtol=0)
+    with_sharing, without = computed[:-1], computed[-1]
+    header = len(tiny_pair[0](HEADER)["input_ids"])
+    # the three header rows' prefix once instead of three times ("Hi" rows share too few tokens)
+    assert sum(with_sharing) <= int(mask.sum()) - 2 * (header - 1) and without == int(mask.sum())
+    for step in range(4):
+        tokens = torch.tensor([7 + step, 50 + step, 300 + step, 9, 11])
+        torch.testing.assert_close(shared.step(tokens), alone.step(tokens), atol=SHARED_ATOL, rtol=0)
+    # and against torch, row by row
+    torch.testing.assert_close(engine.source().prefill(ids, mask), LocalLogitSource(tiny_pair[2]).prefill(ids, mask),
+                               atol=ATOL, rtol=0)
+
+
 def rounds(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
 

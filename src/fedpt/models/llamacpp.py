@@ -214,6 +214,8 @@ class LlamaCppLogitSource(_ClosedWhenCollected):
     """``LogitSource`` over one llama.cpp context: ``prefill``/``step`` decode, ``score`` scores."""
 
     CHUNK = 512  # tokens per llama_decode call (n_batch): bounds the compute buffer
+    SHARED_MIN = 8  # tokens: rows sharing a shorter prefix than this compute it each
+    share_prefixes = True  # tests switch it off for the unshared reference
 
     def __init__(self, model: LlamaCppModel, adapter: LlamaCppAdapter | None = None) -> None:
         self.model, self.lib, self.adapter = model, model.lib, adapter
@@ -291,9 +293,42 @@ class LlamaCppLogitSource(_ClosedWhenCollected):
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         rows = _real_tokens(input_ids, attention_mask)
         handle = self._context(len(rows), max(len(r) for r in rows) + 1)
-        entries = [(tok, pos, row, pos == len(seq) - 1) for row, seq in enumerate(rows) for pos, tok in enumerate(seq)]
+        starts = self._share_prefixes(handle, rows)
+        entries = [(tok, pos, row, pos == len(seq) - 1)
+                   for row, (seq, start) in enumerate(zip(rows, starts)) for pos, tok in enumerate(seq) if pos >= start]
         self._next_pos = [len(seq) for seq in rows]
         return self._decode(handle, entries)
+
+    def _share_prefixes(self, handle: Any, rows: list[list[int]]) -> list[int]:
+        """Compute a prefix that several rows open with once: in the first such row's KV stream,
+        then copied to the others' streams. Returns, per row, the first position still to compute.
+
+        Prefill is most of an evaluation prompt's time, and instruction prompts share a template
+        header (Alpaca's is ~35 tokens; S-NI's task definitions run to ~90). Rows are grouped by
+        their first ``SHARED_MIN`` tokens; a group's prefix stops one token short of its shortest
+        row, whose last token must still be computed for its own logits. The copied cells hold
+        the same keys and values at the same positions, so later tokens see what they would
+        have computed themselves (``tests/test_llamacpp.py`` compares against unshared rows).
+        """
+        starts = [0] * len(rows)
+        if len(rows) < 2 or not self.share_prefixes:
+            return starts
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for row, seq in enumerate(rows):
+            groups.setdefault(tuple(seq[:self.SHARED_MIN]), []).append(row)
+        memory = self.lib.llama_get_memory(handle)
+        for members in groups.values():
+            seqs = [rows[row] for row in members]
+            shared = min(_common_prefix_length(seqs), min(len(seq) for seq in seqs) - 1)
+            if len(members) < 2 or shared < self.SHARED_MIN:
+                continue
+            first = members[0]
+            self._decode(handle, [(tok, pos, first, False) for pos, tok in enumerate(rows[first][:shared])])
+            for row in members[1:]:  # a whole-stream copy (llama.cpp copies between streams only whole)
+                self.lib.llama_memory_seq_cp(memory, first, row, -1, -1)
+            for row in members:
+                starts[row] = shared
+        return starts
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         if self._ctx is None or not self._next_pos:
@@ -400,6 +435,16 @@ def _real_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[
     if any(not row for row in rows):
         raise FedPTError("a prompt in the batch has no tokens (all padding)")
     return rows
+
+
+def _common_prefix_length(seqs: list[list[int]]) -> int:
+    """How many leading tokens all of ``seqs`` have in common."""
+    length = 0
+    for tokens in zip(*seqs):
+        if any(tok != tokens[0] for tok in tokens):
+            break
+        length += 1
+    return length
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -5,6 +5,7 @@ against the same run with the local large LM, and the bad paths."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -95,8 +96,10 @@ def test_a_batch_larger_than_one_llama_decode_call(tiny_pair, engine, monkeypatc
 HEADER = ("Below is an instruction that describes a task, paired with an input that provides further context. "
           "Write a response that appropriately completes the request.\n\n### Instruction:\n")
 SHARED_ATOL = 2e-3
-SHARED = [HEADER + "Name three birds.", "Hi", HEADER + "Name three birds that cannot fly, and say why not.",
-          HEADER + "Add 2 and 3.", "Hi there, how are you"]
+BIRDS = "Name three birds that cannot fly and live on islands far away, in the southern ocean"
+SHARED = [HEADER + BIRDS + ".", "Hi", HEADER + BIRDS + ", and say why they cannot fly.",
+          HEADER + "Add 2 and 3.", "Hi there, how are you", HEADER.replace(", paired with an input that provides "
+                                                                          "further context", "") + "Add 4 and 5."]
 
 
 def test_rows_sharing_a_prefix_compute_it_once_and_decode_as_if_alone(tiny_pair, engine, monkeypatch):
@@ -110,18 +113,29 @@ def test_rows_sharing_a_prefix_compute_it_once_and_decode_as_if_alone(tiny_pair,
     decode = LlamaCppLogitSource._decode
     monkeypatch.setattr(LlamaCppLogitSource, "_decode",
                         lambda self, handle, tokens: computed.append(len(tokens)) or decode(self, handle, tokens))
-    shared, alone = engine.source(), engine.source()
-    alone.share_prefixes = False
+    shared = engine.source()
+    monkeypatch.setenv("FEDPT_LLAMACPP_SHARE_PREFIX", "off")
+    alone = engine.source()
     # Not bit for bit: the rows' tokens go through llama.cpp in other batch shapes (other kernels'
     # rounding); a wrong or missing copy moves logits by far more (see the mutations in the notes).
     torch.testing.assert_close(shared.prefill(ids, mask), alone.prefill(ids, mask), atol=SHARED_ATOL, rtol=0)
     with_sharing, without = computed[:-1], computed[-1]
     header = len(tiny_pair[0](HEADER)["input_ids"])
-    # the three header rows' prefix once instead of three times ("Hi" rows share too few tokens)
-    assert sum(with_sharing) <= int(mask.sum()) - 2 * (header - 1) and without == int(mask.sum())
+    encoded = [tiny_pair[0](text)["input_ids"] for text in SHARED]
+    opening = len(os.path.commonprefix([encoded[0], encoded[5]]))  # where the two headers part
+    birds = len(os.path.commonprefix([encoded[0], encoded[2]]))  # "... in the southern ocean"
+    # A prefix tree: the two headers' common opening once for four rows, the long header's rest
+    # once for three, BIRDS once for two; "Hi" and "Hi there" share too little to be worth a copy.
+    saved = 3 * opening + 2 * (header - opening) + (birds - header)
+    assert len(os.path.commonprefix([encoded[1], encoded[4]])) < 3 and birds > header + 16 > opening + 16 > 24
+    assert sum(with_sharing) == int(mask.sum()) - saved and without == int(mask.sum())
     for step in range(4):
-        tokens = torch.tensor([7 + step, 50 + step, 300 + step, 9, 11])
+        tokens = torch.tensor([7 + step, 50 + step, 300 + step, 9, 11, 400 + step])
         torch.testing.assert_close(shared.step(tokens), alone.step(tokens), atol=SHARED_ATOL, rtol=0)
+    monkeypatch.setenv("FEDPT_LLAMACPP_SHARE_PREFIX", "of")
+    with pytest.raises(FedPTError, match="FEDPT_LLAMACPP_SHARE_PREFIX='of': expected on or off"):
+        engine.source()
+    monkeypatch.delenv("FEDPT_LLAMACPP_SHARE_PREFIX")
     # and against torch, row by row
     torch.testing.assert_close(engine.source().prefill(ids, mask), LocalLogitSource(tiny_pair[2]).prefill(ids, mask),
                                atol=ATOL, rtol=0)

@@ -30,6 +30,7 @@ import torch
 from fedpt.errors import FedPTError
 from fedpt.proxy import TwoSourceDiff
 
+SHARE_PREFIX_ENV = "FEDPT_LLAMACPP_SHARE_PREFIX"
 INSTALL_HINT = "install the bindings: pip install 'llama-cpp-python==0.3.36' (compiles llama.cpp, ~15 min)"
 
 
@@ -86,6 +87,16 @@ def extra_buffers_enabled(setting: str | None = None, flags: frozenset[str] | No
         raise FedPTError(f"{EXTRA_BUFFERS_ENV}={value!r}: expected auto, on or off")
     if value == "auto":
         return not has_amx(flags)
+    return value == "on"
+
+
+def share_prefixes_enabled() -> bool:
+    """Whether prefill computes a prefix that several rows share once (``FEDPT_LLAMACPP_SHARE_PREFIX``,
+    ``on`` by default). ``off`` reproduces evaluations made before it existed: the outputs agree
+    within llama.cpp's own batch-shape rounding, not bit for bit (docs/performance.md)."""
+    value = os.environ.get(SHARE_PREFIX_ENV, "on").strip().lower()
+    if value not in ("on", "off"):
+        raise FedPTError(f"{SHARE_PREFIX_ENV}={value!r}: expected on or off")
     return value == "on"
 
 
@@ -214,11 +225,11 @@ class LlamaCppLogitSource(_ClosedWhenCollected):
     """``LogitSource`` over one llama.cpp context: ``prefill``/``step`` decode, ``score`` scores."""
 
     CHUNK = 512  # tokens per llama_decode call (n_batch): bounds the compute buffer
-    SHARED_MIN = 8  # tokens: rows sharing a shorter prefix than this compute it each
-    share_prefixes = True  # tests switch it off for the unshared reference
+    SHARED_MIN = 16  # tokens a shared branch must save (rows - 1) x length to be worth its copies
 
     def __init__(self, model: LlamaCppModel, adapter: LlamaCppAdapter | None = None) -> None:
         self.model, self.lib, self.adapter = model, model.lib, adapter
+        self.share_prefixes = share_prefixes_enabled()
         self._ctx: _Context | None = None
         self._next_pos: list[int] = []
 
@@ -300,34 +311,47 @@ class LlamaCppLogitSource(_ClosedWhenCollected):
         return self._decode(handle, entries)
 
     def _share_prefixes(self, handle: Any, rows: list[list[int]]) -> list[int]:
-        """Compute a prefix that several rows open with once: in the first such row's KV stream,
-        then copied to the others' streams. Returns, per row, the first position still to compute.
+        """Compute what several rows open with once: in one row's KV stream, then copied to the
+        others' streams. Returns, per row, the first position still to compute.
 
         Prefill is most of an evaluation prompt's time, and instruction prompts share a template
-        header (Alpaca's is ~35 tokens; S-NI's task definitions run to ~90). Rows are grouped by
-        their first ``SHARED_MIN`` tokens; a group's prefix stops one token short of its shortest
-        row, whose last token must still be computed for its own logits. The copied cells hold
-        the same keys and values at the same positions, so later tokens see what they would
-        have computed themselves (``tests/test_llamacpp.py`` compares against unshared rows).
+        header (Alpaca's two variants part after ~8 tokens and run to ~35; S-NI's task definitions
+        to ~90). The rows form a prefix tree: each branch that saves at least ``SHARED_MIN`` tokens
+        is computed in its first row and that stream copied to the branch's other rows, then the
+        branch splits again, level by level. A branch stops one token short of its
+        shortest row, whose last token must still be computed for its own logits. The copied cells
+        hold the keys and values of the same tokens at the same positions: later tokens see what
+        they would have computed themselves, within llama.cpp's batch-shape rounding
+        (``tests/test_llamacpp.py`` compares against unshared rows).
         """
         starts = [0] * len(rows)
         if len(rows) < 2 or not self.share_prefixes:
             return starts
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for row, seq in enumerate(rows):
-            groups.setdefault(tuple(seq[:self.SHARED_MIN]), []).append(row)
         memory = self.lib.llama_get_memory(handle)
-        for members in groups.values():
-            seqs = [rows[row] for row in members]
-            shared = min(_common_prefix_length(seqs), min(len(seq) for seq in seqs) - 1)
-            if len(members) < 2 or shared < self.SHARED_MIN:
-                continue
-            first = members[0]
-            self._decode(handle, [(tok, pos, first, False) for pos, tok in enumerate(rows[first][:shared])])
-            for row in members[1:]:  # a whole-stream copy (llama.cpp copies between streams only whole)
-                self.lib.llama_memory_seq_cp(memory, first, row, -1, -1)
-            for row in members:
-                starts[row] = shared
+        frontier = [(list(range(len(rows))), 0)]  # (rows whose streams hold their first `done` tokens, done)
+        while frontier:  # one tree level per llama_decode call: each call reads all the weights once
+            entries, copies, deeper = [], [], []
+            for members, done in frontier:
+                by_next: dict[int, list[int]] = {}
+                for row in members:
+                    if len(rows[row]) - 1 > done:
+                        by_next.setdefault(rows[row][done], []).append(row)
+                for group in by_next.values():
+                    shared = min(_common_prefix_length([rows[row] for row in group]),
+                                 min(len(rows[row]) for row in group) - 1)
+                    if (len(group) - 1) * (shared - done) < self.SHARED_MIN:
+                        continue
+                    entries += [(rows[group[0]][pos], pos, group[0], False) for pos in range(done, shared)]
+                    copies += [(group[0], row) for row in group[1:]]
+                    for row in group:
+                        starts[row] = shared
+                    deeper.append((group, shared))
+            if entries:
+                self._decode(handle, entries)
+            # whole-stream copies (llama.cpp copies across streams only whole), made at the next decode
+            for source, row in copies:
+                self.lib.llama_memory_seq_cp(memory, source, row, -1, -1)
+            frontier = deeper
         return starts
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:

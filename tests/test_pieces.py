@@ -165,6 +165,13 @@ def test_export_keeps_what_the_report_needs(pieces, tmp_path, capsys, monkeypatc
         assert config["base_model_name_or_path"] == ("tiny-large" if system == "fedavg-large" else "tiny-small")
         assert sorted(p.name for p in (dest / system / "predictions").iterdir()) == \
                sorted(p.name for p in (folder / system / "predictions").iterdir())
+    # FedPT's other expert, the last round's adapter before distillation, travels in bf16 beside it
+    final = max(json.loads(line)["round"] for line in (folder / "rounds.jsonl").read_text().splitlines()
+                if json.loads(line)["system"] == "fedpt")
+    pre = load_file(dest / "fedpt" / "adapter-pre-distillation" / "adapter_model.safetensors")
+    fp32 = load_file(folder / "fedpt" / "aggregated" / f"round-{final}.safetensors")
+    assert pre.keys() == fp32.keys() and all(torch.equal(pre[k], fp32[k].to(torch.bfloat16)) for k in fp32)
+    assert not (dest / "fedavg-large" / "adapter-pre-distillation").exists()
     summary = json.loads((dest / "summary.json").read_text())
     assert summary["systems"]["fedpt"]["predictions"] == "fedpt/predictions"
     # both experts' sweep values travel with FedPT

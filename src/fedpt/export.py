@@ -10,7 +10,9 @@ nothing else:
   system and round;
 - ``<system>/predictions/*.jsonl``: every prediction file (training rounds and alpha sweep);
 - ``<system>/adapter/``: the final LoRA adapter as bf16 safetensors with its peft config (the base
-  model named by its config spec, not a path of this machine);
+  model named by its config spec, not a path of this machine); for FedPT also
+  ``<system>/adapter-pre-distillation/``, the last round's FedAvg'd adapter before distillation
+  (the other expert the alpha sweep steers the large LM with);
 - ``pieces.json`` (the invocations that ran them: CPU, dtype, wall time, command), ``alpha_sweep.json``
   and ``partitions.{json,md,png}``, merged;
 - ``summary.json`` recomputed over everything DEST then holds (relative paths).
@@ -34,6 +36,7 @@ from fedpt.errors import FedPTError
 from fedpt.report import PIECES, SWEEP, Folder, ordered_sweep_keys, read_pieces, sweep_key
 
 MAX_FILE_BYTES = 10 * 2**20
+PRE_DISTILLATION = "adapter-pre-distillation"  # FedPT's other expert, beside adapter/
 PARTITIONS = ("partitions.json", "partitions.md", "partitions.png")
 
 
@@ -90,7 +93,7 @@ def export_experiment(run: Path, dest: Path, systems: list[str] | None = None, r
                              f"committed file may have ({len(too_big)} such file(s)); nothing was written to {dest}")
         dest.mkdir(parents=True, exist_ok=True)
         for name in todo:  # a replaced system keeps no file of its earlier results
-            for sub in ("predictions", "adapter"):
+            for sub in ("predictions", "adapter", PRE_DISTILLATION):
                 shutil.rmtree(dest / name / sub, ignore_errors=True)
         for rel in files:
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -123,6 +126,8 @@ def _same_system(source: Folder, target: Folder, name: str) -> bool:
 
 def _stage(source: Folder, target: Folder, systems: list[str], stage: Path) -> list[str]:
     """Write every file the export changes under ``stage``; returns their paths relative to it."""
+    from fedpt.federation.strategy import aggregated_adapter_path
+
     files: list[str] = []
 
     def write(rel: str, data: bytes | str) -> None:
@@ -155,17 +160,23 @@ def _stage(source: Folder, target: Folder, systems: list[str], stage: Path) -> l
     for name in systems:
         for path in sorted((source.path / name / "predictions").glob("*.jsonl")):
             write(f"{name}/predictions/{path.name}", path.read_bytes())
-        write(f"{name}/adapter/adapter_model.safetensors", bf16_adapter(source.path / name / "adapter"))
+        write(f"{name}/adapter/adapter_model.safetensors",
+              bf16_adapter(source.path / name / "adapter" / "adapter_model.safetensors"))
         write(f"{name}/adapter/adapter_config.json", _adapter_config(source, name))
+        # FedPT's last FedAvg'd adapter before distillation: the other expert the report compares
+        aggregated = aggregated_adapter_path(source.path, name, source.final_rounds([name])[name])
+        if aggregated.is_file():
+            write(f"{name}/{PRE_DISTILLATION}/adapter_model.safetensors", bf16_adapter(aggregated))
+            write(f"{name}/{PRE_DISTILLATION}/adapter_config.json", _adapter_config(source, name))
     return files
 
 
-def bf16_adapter(adapter_dir: Path) -> bytes:
-    """The adapter's tensors in bfloat16, as safetensors bytes (peft loads them into any dtype)."""
+def bf16_adapter(path: Path) -> bytes:
+    """The adapter file's tensors in bfloat16, as safetensors bytes (peft loads them into any dtype)."""
     import torch
     from safetensors.torch import load_file, save
 
-    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    tensors = load_file(path)
     return save({k: v.to(torch.bfloat16).contiguous() for k, v in sorted(tensors.items())}, metadata={"format": "pt"})
 
 

@@ -163,6 +163,7 @@ def test_export_keeps_what_the_report_needs(pieces, tmp_path, capsys, monkeypatc
         assert all(bf16[k].dtype == torch.bfloat16 and torch.equal(bf16[k], fp32[k].to(torch.bfloat16)) for k in fp32)
         config = json.loads((dest / system / "adapter" / "adapter_config.json").read_text())
         assert config["base_model_name_or_path"] == ("tiny-large" if system == "fedavg-large" else "tiny-small")
+        assert config["target_modules"] == sorted(config["target_modules"])  # one order, whatever peft's set gave
         assert sorted(p.name for p in (dest / system / "predictions").iterdir()) == \
                sorted(p.name for p in (folder / system / "predictions").iterdir())
     # FedPT's other expert, the last round's adapter before distillation, travels in bf16 beside it

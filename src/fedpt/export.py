@@ -186,6 +186,8 @@ def _adapter_config(source: Folder, name: str) -> str:
 
     config = json.loads((source.path / name / "adapter" / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = getattr(source.cfg.model, SYSTEM_SPECS[name].device_model)
+    if isinstance(config.get("target_modules"), list):  # peft writes a set: its order changes per process
+        config["target_modules"] = sorted(config["target_modules"])
     return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 

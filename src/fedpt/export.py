@@ -162,12 +162,13 @@ def _stage(source: Folder, target: Folder, systems: list[str], stage: Path) -> l
             write(f"{name}/predictions/{path.name}", path.read_bytes())
         write(f"{name}/adapter/adapter_model.safetensors",
               bf16_adapter(source.path / name / "adapter" / "adapter_model.safetensors"))
-        write(f"{name}/adapter/adapter_config.json", _adapter_config(source, name))
+        config = _adapter_config(source, name)
+        write(f"{name}/adapter/adapter_config.json", config)
         # FedPT's last FedAvg'd adapter before distillation: the other expert the report compares
         aggregated = aggregated_adapter_path(source.path, name, source.final_rounds([name])[name])
         if aggregated.is_file():
             write(f"{name}/{PRE_DISTILLATION}/adapter_model.safetensors", bf16_adapter(aggregated))
-            write(f"{name}/{PRE_DISTILLATION}/adapter_config.json", _adapter_config(source, name))
+            write(f"{name}/{PRE_DISTILLATION}/adapter_config.json", config)
     return files
 
 

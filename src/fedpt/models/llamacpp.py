@@ -337,7 +337,7 @@ class LlamaCppLogitSource(_ClosedWhenCollected):
                     if len(rows[row]) - 1 > done:
                         by_next.setdefault(rows[row][done], []).append(row)
                 for group in by_next.values():
-                    shared = min(_common_prefix_length([rows[row] for row in group]),
+                    shared = min(len(os.path.commonprefix([rows[row] for row in group])),
                                  min(len(rows[row]) for row in group) - 1)
                     if (len(group) - 1) * (shared - done) < self.SHARED_MIN:
                         continue
@@ -459,16 +459,6 @@ def _real_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[
     if any(not row for row in rows):
         raise FedPTError("a prompt in the batch has no tokens (all padding)")
     return rows
-
-
-def _common_prefix_length(seqs: list[list[int]]) -> int:
-    """How many leading tokens all of ``seqs`` have in common."""
-    length = 0
-    for tokens in zip(*seqs):
-        if any(tok != tokens[0] for tok in tokens):
-            break
-        length += 1
-    return length
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -14,18 +14,26 @@ def test_each_phase_is_divided_by_its_own_bound():
     assert cfg.model.large_backend == "local" and cfg.model.eval_engine == "torch"
     n_small = sum(p.numel() for p in load_model(cfg.model.small, "float32").parameters())
     n_large = sum(p.numel() for p in load_model(cfg.model.large, "float32").parameters())
-    decoding = {"batches": 2, "rows": 16, "prompt_tokens": 1000, "decode_steps": 40, "new_tokens": 300}
-    profile = {"phases": {"evaluation: small": {"seconds": 3.0, "calls": 2, **decoding},
-                          "evaluation: proxy": {"seconds": 6.0, "calls": 2, **decoding},
+    # 300 new tokens in 40 steps (~8 rows a step): the FLOPs bind; 40 in 40 (one row): the bytes bind
+    wide = {"batches": 2, "rows": 16, "prompt_tokens": 1000, "decode_steps": 40, "new_tokens": 300}
+    narrow = {"batches": 1, "rows": 1, "prompt_tokens": 1000, "decode_steps": 40, "new_tokens": 40}
+    profile = {"phases": {"evaluation: small": {"seconds": 3.0, "calls": 2, **wide},
+                          "evaluation: large": {"seconds": 2.0, "calls": 1, **narrow},
+                          "evaluation: proxy": {"seconds": 6.0, "calls": 2, **wide},
                           "kd student steps": {"seconds": 4.0, "calls": 3, "steps": 3, "tokens": 900},
                           "ray start-up": {"seconds": 5.0, "calls": 1}},
                "devices": {"device_rounds": 4, "device_seconds": 80.0, "tokens": 5000}}
     rows = {row["phase"]: row for row in phase_table(cfg, profile, BANDWIDTH, GEMM, GEMM_ONE)}
-    # decoding: each step reads every weight once (4 bytes in float32); the prefill is 2 FLOPs per
-    # parameter per prompt token. The torch proxy runs the small LM's two views as one doubled batch.
-    small = 40 * 4 * n_small / BANDWIDTH + 1000 * 2 * n_small / GEMM
-    proxy = 40 * 4 * (n_large + n_small) / BANDWIDTH + 1000 * 2 * (n_large + n_small) / GEMM
+    # decoding: each step reads every weight once (4 bytes in float32) and computes 2 FLOPs per
+    # parameter per row; the prefill is 2 FLOPs per parameter per prompt token. The torch proxy
+    # runs the small LM's two views as one doubled batch.
+    small = 300 * 2 * n_small / GEMM + 1000 * 2 * n_small / GEMM
+    assert 300 * 2 * n_small / GEMM > 40 * 4 * n_small / BANDWIDTH  # 1.2e-7 n > 0.8e-7 n
+    large = 40 * 4 * n_large / BANDWIDTH + 1000 * 2 * n_large / GEMM
+    assert 40 * 4 * n_large / BANDWIDTH > 40 * 2 * n_large / GEMM
+    proxy = 300 * 2 * (n_large + n_small) / GEMM + 1000 * 2 * (n_large + n_small) / GEMM
     assert rows["evaluation: small"]["ratio"] == pytest.approx(small / 3.0)
+    assert rows["evaluation: large"]["ratio"] == pytest.approx(large / 2.0)
     assert rows["evaluation: proxy"]["ratio"] == pytest.approx(proxy / 6.0)
     assert rows["kd student steps"]["ratio"] == pytest.approx(6 * n_small * 900 / GEMM / 4.0)
     devices = rows["device steps (devices' own clocks, summed)"]

@@ -141,3 +141,36 @@ def test_evaluate_rouge_greedy_protocol_is_one_decode(tiny_pair, tiny_cfg):
     expected = (100 + 100 * _oracle_f(answers[1], "zzzz qqqq") + 100) / 3
     assert _tokens(answers[0]) and _tokens(answers[2])
     assert result.per_seed == pytest.approx([expected]) and result.rouge_l == pytest.approx(expected)
+
+
+def test_sets_packed_into_shared_batches_score_as_if_alone(tiny_pair, tiny_cfg):
+    """``evaluate_rouge_sets`` decodes two sets as one stream (batch 2: the second batch holds
+    set A's last prompt and set B's first). Independently: decode the concatenated prompts in
+    the same batches with ``generate_ids``, split at the boundary by hand, score with the oracle.
+    Set A must be handed over (``on_set``) before the last batch is decoded."""
+    from fedpt.evaluate import evaluate_rouge_sets
+
+    tokenizer, _, large = tiny_pair
+    source = LocalLogitSource(large)
+    sets = {"a": [replace(ex, references=(f"reference {i} of a",)) for i, ex in enumerate(EXAMPLES)],
+            "b": [Example("Say hello.", references=("hello there",)), Example("Count to three.", references=("1 2 3",))]}
+    cfg = EvalConfig(protocol="greedy", max_new_tokens=6, batch_size=2)
+    prompts = [format_prompt(ex, tiny_cfg.data.template, tokenizer) for ex in sets["a"] + sets["b"]]
+    ids = generate_ids(source, tokenizer, prompts, Decoding(max_new_tokens=6), 2, tiny_cfg.data.max_prompt_tokens)
+    answers = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
+    by_set = {"a": answers[:3], "b": answers[3:]}
+
+    decoded, handed_over = [0], {}
+    results = evaluate_rouge_sets(source, tokenizer, sets, cfg, tiny_cfg.data,
+                                  on_prompts=lambda n: decoded.__setitem__(0, decoded[0] + n),
+                                  on_set=lambda name, result: handed_over.setdefault(name, decoded[0]))
+    assert list(results) == ["a", "b"]
+    for name, examples in sets.items():
+        expected = [100 * max(_oracle_f(a, r) for r in ex.all_references) for a, ex in zip(by_set[name], examples)]
+        assert results[name].predictions == [by_set[name]]
+        assert results[name].scores[0] == pytest.approx(expected, abs=1e-9)
+        assert results[name].rouge_l == pytest.approx(sum(expected) / len(expected), abs=1e-9)
+        assert results[name].num_prompts == len(examples) and len(results[name].ids) == len(examples)
+        assert results[name].prompts == [format_prompt(ex, tiny_cfg.data.template, tokenizer) for ex in examples]
+    # handed over inside the batch that finished it: A after 2 prompts had been counted, B at the end
+    assert handed_over == {"a": 2, "b": 4}

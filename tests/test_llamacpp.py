@@ -141,6 +141,39 @@ def test_rows_sharing_a_prefix_compute_it_once_and_decode_as_if_alone(tiny_pair,
                                atol=ATOL, rtol=0)
 
 
+def test_retired_rows_leave_the_steps_and_the_others_decode_as_before(tiny_pair, engine, monkeypatch):
+    """A row the decoding session will not read again (it stopped) is left out of later steps:
+    fewer tokens go to llama.cpp, its logits are zeros, and the other rows' logits are those of
+    the same session without retiring (the torch source's, within llama.cpp's tolerance)."""
+    from fedpt.models.llamacpp import LlamaCppLogitSource
+    from fedpt.proxy import retire_rows
+
+    ids, mask = padded_batch(tiny_pair[0], SHARED[:4])
+    computed = []
+    decode = LlamaCppLogitSource._decode
+    monkeypatch.setattr(LlamaCppLogitSource, "_decode",
+                        lambda self, handle, tokens: computed.append(len(tokens)) or decode(self, handle, tokens))
+    retiring, reference = engine.source(), LocalLogitSource(tiny_pair[2])
+    retiring.prefill(ids, mask)
+    reference.prefill(ids, mask)
+    for step in range(3):
+        tokens = torch.tensor([7 + step, 50 + step, 300 + step, 9])
+        if step == 1:
+            retire_rows(retiring, torch.tensor([False, True, False, True]))
+        computed.clear()
+        got, want = retiring.step(tokens), reference.step(tokens)
+        live = [0, 2] if step else [0, 1, 2, 3]
+        assert computed == [len(live)]
+        torch.testing.assert_close(got[live], want[live], atol=ATOL, rtol=0)
+        if step:
+            assert not got[[1, 3]].any()
+    # a new session decodes every row again
+    retiring.prefill(ids, mask)
+    computed.clear()
+    retiring.step(torch.tensor([1, 2, 3, 4]))
+    assert computed == [4]
+
+
 def rounds(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
 

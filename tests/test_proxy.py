@@ -168,3 +168,37 @@ def test_proxy_with_a_trained_looking_adapter_matches_plain_forwards(tiny_pair, 
     batched = generate_ids(ProxyTunedLM(LocalLogitSource(large), MixedAdapterDiff(peft), alpha), tokenizer, PROMPTS,
                            cfg, 2, 64)
     assert batched[0] == expected
+
+
+class Scripted:
+    """A LogitSource that picks ``script[step][row]`` at each step and records ``retire_rows``."""
+
+    def __init__(self, script, vocab=8):
+        self.script, self.vocab, self.step_no, self.retired = script, vocab, 0, []
+
+    def _logits(self):
+        out = torch.zeros(len(self.script[0]), self.vocab)
+        out[torch.arange(len(self.script[0])), torch.tensor(self.script[self.step_no])] = 1.0
+        self.step_no += 1
+        return out
+
+    def prefill(self, input_ids, attention_mask):
+        return self._logits()
+
+    def step(self, tokens):
+        return self._logits()
+
+    def retire_rows(self, rows):
+        self.retired.append((self.step_no, rows.tolist()))
+
+
+def test_rows_that_stop_are_retired_through_the_proxy_to_every_source():
+    """Row 1 picks EOS (id 2) at its 2nd token, row 0 at its 4th: each source of the proxy
+    (large, tuned, base) hears of row 1 after the step that stopped it, then of both rows."""
+    script = [[5, 6], [5, 2], [5, 0], [2, 0]]
+    large, tuned, base = Scripted(script), Scripted(script), Scripted(script)
+    proxy = ProxyTunedLM(large, TwoSourceDiff(tuned, base), alpha=1.0)
+    ids, mask = torch.tensor([[1, 3], [1, 4]]), torch.ones(2, 2, dtype=torch.long)
+    assert decode(proxy, ids, mask, eos_ids=[2], pad_id=0, cfg=Decoding(max_new_tokens=10)) == [[5, 5, 5], [6]]
+    for source in (large, tuned, base):
+        assert source.retired == [(2, [False, True]), (4, [True, True])]

@@ -184,10 +184,12 @@ def test_response_loss_matches_full_logits_loss_and_gradients(tiny_pair, tiny_cf
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("sample", [False, True])
-def test_teacher_logprobs_kept_from_decoding_equal_a_fresh_scoring(tiny_pair, tiny_cfg, sample, monkeypatch):
+@pytest.mark.parametrize("sample, teacher_batch", [(False, 0), (True, 0), (False, 7)])
+def test_teacher_logprobs_kept_from_decoding_equal_a_fresh_scoring(tiny_pair, tiny_cfg, sample, teacher_batch,
+                                                                   monkeypatch):
     """distill() keeps the teacher's distributions from its own decoding instead of scoring prompt +
-    response again: they must be what the teacher gives those positions when it scores them.
+    response again: they must be what the teacher gives those positions when it scores them,
+    also when the teacher decodes in other batches (7 + 3 rows) than the student's (4).
 
     Where each row stops is fixed by construction (``StopAt``), not left to where the tiny models'
     decoding happens to emit EOS (that differs from CPU to CPU): rows stop at once, after 11 tokens
@@ -217,6 +219,7 @@ def test_teacher_logprobs_kept_from_decoding_equal_a_fresh_scoring(tiny_pair, ti
     cfg = copy.deepcopy(tiny_cfg.distill)
     cfg.max_new_tokens, cfg.batch_size, cfg.temperature, cfg.steps = budget, 4, 2.0, 1
     cfg.teacher_decoding = "sample" if sample else "greedy"
+    cfg.teacher_batch_size = teacher_batch
     seen = {}
 
     def build_kd_batches_spy(teacher_, tokenizer_, prompts_, responses, cfg_, data_cfg, teacher_logprobs=None):

@@ -3,7 +3,9 @@
 Each phase gets the least time this machine could spend on its work:
 
 - **decoding** (evaluation of a model, the KD teacher): every decoding step reads each weight of
-  the models it runs once, so ``decode_steps x bytes / bandwidth``; the prefill is compute:
+  the models it runs once and computes 2 x params FLOPs per row, so the steps take at least
+  ``max(decode_steps x bytes / bandwidth, new_tokens x 2 x params / GEMM FLOP/s)`` (the bytes
+  bind narrow batches, the FLOPs wide ones); the prefill is compute:
   ``prompt_tokens x 2 x params / GEMM FLOP/s``. Bytes are what the engine holds: the GGUF file
   for llama.cpp, parameters x dtype size for torch; the proxy reads the large LM and, in
   llama.cpp, the small one twice (tuned and base views are two contexts; torch runs them as one
@@ -108,9 +110,11 @@ def phase_table(cfg: FedPTConfig, profile: dict[str, Any], bandwidth: float, gem
             models = decoding_models(cfg, name)
             step_bytes = sum(_engine_bytes(cfg, spec, engine) for spec, engine in models)
             params = sum(_params(spec) for spec, _ in models)
-            memory = values["decode_steps"] * step_bytes / bandwidth
-            compute = values["prompt_tokens"] * 2 * params / gemm
-            row.update(kind="decoding", bound_seconds=memory + compute,
+            # a step reads every weight once, and computes 2 x params per row: a wide batch's
+            # steps are bound by the FLOPs, a narrow one's by the bytes
+            steps = max(values["decode_steps"] * step_bytes / bandwidth, values["new_tokens"] * 2 * params / gemm)
+            prefill = values["prompt_tokens"] * 2 * params / gemm
+            row.update(kind="decoding", bound_seconds=steps + prefill,
                        work=f"{int(values['new_tokens'])} new tokens in {int(values['decode_steps'])} steps "
                             f"({step_bytes / 2**30:.2f} GiB read per step), {int(values['prompt_tokens'])} "
                             f"prompt tokens")

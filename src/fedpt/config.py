@@ -263,6 +263,9 @@ class DistillConfig:
     ce_weight: float = 0.0  # 0 = pure forward KL; >0 mixes CE on the teacher's tokens
     max_new_tokens: int = 32  # teacher response length
     teacher_decoding: str = "greedy"  # greedy | sample
+    # Rows the teacher decodes at once (0 = distill.batch_size, as older runs did): decoding is
+    # bound by reading the weights per step, so a wider batch costs little more per step than 4.
+    teacher_batch_size: int = 0
     # Forward KL teacher -> student over the whole KD pool before and after the student steps
     # (rounds.jsonl kd_kl_before/after): a diagnostic costing two extra student passes per round.
     pool_kl: bool = False
@@ -275,6 +278,7 @@ class DistillConfig:
         _check_range("distill.ce_weight", self.ce_weight, 0.0, 1.0)
         _check_positive("distill.max_new_tokens", self.max_new_tokens)
         _check_choice("distill.teacher_decoding", self.teacher_decoding, ("greedy", "sample"))
+        _check_range("distill.teacher_batch_size", self.teacher_batch_size, 0, 4096)
 
 
 @dataclass
@@ -286,6 +290,10 @@ class EvalConfig:
     seeds: list[int] = field(default_factory=lambda: [10, 20, 30, 40, 50])
     max_new_tokens: int = 32
     batch_size: int = 8
+    # Decode the sets as one stream of batches (a batch may span two sets), so sets smaller than
+    # a batch still fill it: a CPU decoding step costs about the same for 8 rows as for 24.
+    # Off = each set in its own batches, as runs made before it did (their config.toml lacks it).
+    pack_sets: bool = False
     no_repeat_ngram_size: int = 6  # used by the sampling protocol, as in MiniLLM
     # `fedpt experiment`'s alpha sweep: which evaluation sets (by name, e.g. "dolly-15k"; empty =
     # all) and how many of each set's prompts (its first N; 0 = all). The run's own alpha is

@@ -161,7 +161,8 @@ def distill(
     decoding = Decoding(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.teacher_decoding == "sample", seed=seed)
     kept: list[torch.Tensor] = []  # the teacher's log-probabilities, batch by batch as it decodes
     with profile.phase("kd teacher decoding"):
-        responses = generate_ids(teacher, tokenizer, prompts, decoding, cfg.batch_size, data_cfg.max_prompt_tokens,
+        responses = generate_ids(teacher, tokenizer, prompts, decoding, cfg.teacher_batch_size or cfg.batch_size,
+                                 data_cfg.max_prompt_tokens,
                                  on_batch=lambda rows, steps: kept.extend(
                                      response_logprobs(rows, steps, cfg.max_new_tokens, cfg.temperature)))
         batches = build_kd_batches(teacher, tokenizer, prompts, responses, cfg, data_cfg, teacher_logprobs=kept)

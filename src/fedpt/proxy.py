@@ -51,6 +51,10 @@ class TwoSourceDiff:
         return (self.tuned.score(input_ids, attention_mask, keep_last)
                 - self.base.score(input_ids, attention_mask, keep_last))
 
+    def retire_rows(self, rows: torch.Tensor) -> None:
+        retire_rows(self.tuned, rows)
+        retire_rows(self.base, rows)
+
     def close(self) -> None:
         for source in (self.tuned, self.base):
             getattr(source, "close", lambda: None)()
@@ -80,9 +84,25 @@ class ProxyTunedLM:
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_last: int = 0) -> torch.Tensor:
         return self._combine("score", input_ids, attention_mask, keep_last)
 
+    def retire_rows(self, rows: torch.Tensor) -> None:
+        retire_rows(self.large, rows)
+        retire_rows(self.diff, rows)
+
     def close(self) -> None:
         for part in (self.large, self.diff):
             getattr(part, "close", lambda: None)()
+
+
+def retire_rows(source: object, rows: torch.Tensor) -> None:
+    """Tell ``source`` that the rows set in ``rows`` (B,) bool will not be read again this session.
+
+    Optional for a source: llama.cpp then leaves them out of every later step (a CPU's wide
+    decoding steps are bound by the FLOPs of their rows, and finished rows are a third of a
+    batch's rows by its end); their logits come back as zeros. Others ignore it.
+    """
+    method = getattr(source, "retire_rows", None)
+    if method is not None:
+        method(rows)
 
 
 @dataclass
@@ -140,6 +160,7 @@ class DecodeSession:
 
     def finish(self, row: int) -> None:
         self.finished[row] = True
+        retire_rows(self.source, self.finished)
 
     @torch.inference_mode()
     def advance(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,7 +183,10 @@ class DecodeSession:
             next_tokens = scores.argmax(dim=-1)
         next_tokens = torch.where(self.finished, torch.full_like(next_tokens, self.pad_id), next_tokens)  # (B,)
         self.sequences = torch.cat([self.sequences, next_tokens[:, None]], dim=1)
-        self.finished |= torch.isin(next_tokens, self.eos)
+        newly = torch.isin(next_tokens, self.eos) & ~self.finished
+        self.finished |= newly
+        if newly.any():
+            retire_rows(self.source, self.finished)
         self.steps += 1
         self._last = next_tokens
         return next_tokens, logits
@@ -226,13 +250,14 @@ def stop_token_ids(tokenizer) -> list[int]:
 def generate_ids(
     source: LogitSource, tokenizer, prompts: list[str], cfg: Decoding, batch_size: int, max_prompt_tokens: int,
     on_batch: Callable[[list[list[int]], list[torch.Tensor]], None] | None = None,
-    on_prompts: Callable[[int], None] | None = None,
+    on_prompts: Callable[[int], None] | None = None, keep_step_logits: bool = True,
 ) -> list[list[int]]:
     """Decode every prompt in batches of ``batch_size``; returns new token ids per prompt.
 
     ``on_batch(responses, step_logits)`` sees each batch's responses and its steps' raw logits
-    (``decode``'s ``step_logits``) as soon as the batch is done, so a caller can keep what it
-    needs of them without holding every batch's (steps, B, V) logits at once.
+    (``decode``'s ``step_logits``; None with ``keep_step_logits=False``, which spares holding a
+    batch's (steps, B, V) logits) as soon as the batch is done, so a caller can keep what it
+    needs of them without holding every batch's logits at once.
     ``on_prompts(n)`` is told after each batch how many prompts it decoded (progress; keeps no logits).
     """
     from fedpt.data.prompts import encode_prompts_left
@@ -241,7 +266,7 @@ def generate_ids(
     for start in range(0, len(prompts), batch_size):
         ids, mask = encode_prompts_left(tokenizer, prompts[start: start + batch_size], max_prompt_tokens)
         batch_cfg = replace(cfg, seed=cfg.seed + start)  # distinct random streams per batch
-        steps: list[torch.Tensor] | None = [] if on_batch is not None else None
+        steps: list[torch.Tensor] | None = [] if on_batch is not None and keep_step_logits else None
         responses = decode(source, ids, mask, stop_token_ids(tokenizer), tokenizer.pad_token_id, batch_cfg, steps)
         if on_batch is not None:
             on_batch(responses, steps)

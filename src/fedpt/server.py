@@ -28,7 +28,7 @@ from fedpt.data.records import (
 from fedpt.distill import DistillResult, distill
 from fedpt.errors import FedPTError
 from fedpt.eval_cache import EvalCache, adapter_digest
-from fedpt.evaluate import EvalResult, evaluate_rouge, example_id
+from fedpt.evaluate import EvalResult, evaluate_rouge_sets, example_id
 from fedpt.models.logits import LocalLogitSource, LogitSource, MixedAdapterDiff
 from fedpt.models.lora import attach_lora, get_adapter_state, set_adapter_state
 from fedpt.proxy import ProxyTunedLM
@@ -231,22 +231,32 @@ class ServerModels:
         from fedpt.evaluate import decodings
 
         seeds = len(decodings(self.cfg.eval))
-        results = {}
+        results, todo, keys = {}, {}, {}
         for name, examples in self.eval_sets.items():
             key = (self.eval_cache.key(identity, name, [example_id(ex) for ex in examples])
                    if identity is not None and self.eval_cache is not None else None)
-            result = self.eval_cache.get(key) if key is not None else None
+            cached = self.eval_cache.get(key) if key is not None else None
+            if cached is None:
+                todo[name], keys[name] = examples, key
+                continue
+            results[name] = cached
             if progress is not None:
                 progress.start(label, name, len(examples), seeds)
-            if result is None:
-                with profile.phase(f"evaluation: {label or 'model'}"):
-                    result = evaluate_rouge(source, self.tokenizer, examples, self.cfg.eval, self.cfg.data,
-                                            on_prompts=progress.advance if progress is not None else None)
-                if key is not None:
-                    self.eval_cache.put(key, result)
-            elif progress is not None:
                 progress.advance(len(examples) * seeds)
+                progress.done(label, name, cached)
+
+        def keep(name: str, result: EvalResult) -> None:  # as soon as a set is done: a stop loses no finished set
+            if keys[name] is not None:
+                self.eval_cache.put(keys[name], result)
             if progress is not None:
                 progress.done(label, name, result)
-            results[name] = result
-        return results
+
+        groups = [list(todo)] if self.cfg.eval.pack_sets and todo else [[name] for name in todo]
+        for group in groups:
+            if progress is not None:
+                progress.start(label, " + ".join(group), sum(len(todo[name]) for name in group), seeds)
+            with profile.phase(f"evaluation: {label or 'model'}"):
+                results.update(evaluate_rouge_sets(source, self.tokenizer, {name: todo[name] for name in group},
+                                                   self.cfg.eval, self.cfg.data, on_set=keep,
+                                                   on_prompts=progress.advance if progress is not None else None))
+        return {name: results[name] for name in self.eval_sets}

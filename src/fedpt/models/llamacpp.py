@@ -232,6 +232,7 @@ class LlamaCppLogitSource(_ClosedWhenCollected):
         self.share_prefixes = share_prefixes_enabled()
         self._ctx: _Context | None = None
         self._next_pos: list[int] = []
+        self._retired: set[int] = set()  # rows the session no longer reads: left out of steps
 
     # -- contexts and batches --------------------------------------------------------------
 
@@ -308,6 +309,7 @@ class LlamaCppLogitSource(_ClosedWhenCollected):
         entries = [(tok, pos, row, pos == len(seq) - 1)
                    for row, (seq, start) in enumerate(zip(rows, starts)) for pos, tok in enumerate(seq) if pos >= start]
         self._next_pos = [len(seq) for seq in rows]
+        self._retired = set()
         return self._decode(handle, entries)
 
     def _share_prefixes(self, handle: Any, rows: list[list[int]]) -> list[int]:
@@ -360,9 +362,19 @@ class LlamaCppLogitSource(_ClosedWhenCollected):
         if max(self._next_pos) >= self._ctx.per_row:
             raise FedPTError(f"decoding went past the {self._ctx.per_row}-token context made at prefill; "
                              "lower eval.max_new_tokens")
-        entries = [(int(tok), pos, row, True) for row, (tok, pos) in enumerate(zip(tokens.tolist(), self._next_pos))]
+        active = [row for row in range(len(self._next_pos)) if row not in self._retired]
+        entries = [(int(tokens[row]), self._next_pos[row], row, True) for row in active]
         self._next_pos = [pos + 1 for pos in self._next_pos]
-        return self._decode(self._ctx.handle, entries)
+        if len(active) == len(self._next_pos):
+            return self._decode(self._ctx.handle, entries)
+        out = torch.zeros(len(self._next_pos), self.model.n_vocab)
+        if active:
+            out[active] = self._decode(self._ctx.handle, entries)
+        return out
+
+    def retire_rows(self, rows: torch.Tensor) -> None:
+        """Rows (B,) bool that later steps leave out (see ``fedpt.proxy.retire_rows``)."""
+        self._retired = set(torch.nonzero(rows).flatten().tolist())
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_last: int = 0) -> torch.Tensor:
         """(B, K, V) logits at the last K positions (all T when ``keep_last`` is 0). Positions

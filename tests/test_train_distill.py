@@ -145,12 +145,16 @@ def test_kd_loss_of_a_pool_counts_response_positions_only(tiny_pair, tiny_cfg):
     expected = ((1 - cfg.ce_weight) * cfg.temperature**2 * sum(kls) / len(kls)
                 + cfg.ce_weight * sum(nlls) / len(nlls))
     assert float(loss) == pytest.approx(expected, rel=1e-4)
-def test_response_loss_matches_full_logits_loss_and_gradients(tiny_pair, tiny_cfg):
+@pytest.mark.parametrize("packed", [False, True])
+def test_response_loss_matches_full_logits_loss_and_gradients(tiny_pair, tiny_cfg, packed):
     """The chunked, labelled-positions-only loss equals HF's loss over full (B, T, V) logits, and
-    so do the LoRA gradients it produces (chunk size smaller than the batch's label count)."""
+    so do the LoRA gradients it produces (chunk size smaller than the batch's label count).
+    Packed (``train.pack_rows``): the rows end to end in one unpadded sequence give the padded
+    batch's loss and gradients; the last row is labelled from its first token on, so a packed row
+    that learnt to predict the next row's first token would show."""
     import torch
 
-    from fedpt.data.prompts import collate, encode_sft
+    from fedpt.data.prompts import collate, encode_sft, pack
     from fedpt.train import response_loss
 
     tokenizer, small, _ = tiny_pair
@@ -160,6 +164,7 @@ def test_response_loss_matches_full_logits_loss_and_gradients(tiny_pair, tiny_cf
             if "lora_B" in name:
                 param.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
     rows = [encode_sft(tokenizer, format_prompt(ex, "alpaca"), ex.response, 64, 128) for ex in _splits().train[:4]]
+    rows.append((rows[1][0][:40], rows[1][0][:40]))  # every token labelled (an LM row)
     batch = collate(rows, tokenizer.pad_token_id)  # right padding: labels at different offsets per row
     assert int((batch["labels"][:, 1:] != -100).sum()) > 3 * 7  # several chunks below
 
@@ -177,7 +182,13 @@ def test_response_loss_matches_full_logits_loss_and_gradients(tiny_pair, tiny_cf
                                                  batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
 
     want_loss, want_grads = loss_and_grads(reference)
-    got_loss, got_grads = loss_and_grads(lambda: response_loss(peft, batch, chunk_tokens=7))
+    if packed:
+        packed_batch = pack(rows)
+        real = sum(len(ids) for ids, _ in rows)
+        assert packed_batch["input_ids"].shape == (1, real) and real < batch["input_ids"].numel()  # no padding
+        got_loss, got_grads = loss_and_grads(lambda: response_loss(peft, packed_batch, chunk_tokens=7))
+    else:
+        got_loss, got_grads = loss_and_grads(lambda: response_loss(peft, batch, chunk_tokens=7))
     assert abs(got_loss - want_loss) < 1e-5 * max(1.0, abs(want_loss))
     assert want_grads.keys() == got_grads.keys() and any(g.abs().sum() > 0 for g in want_grads.values())
     for name, grad in want_grads.items():
@@ -282,3 +293,40 @@ class StopAt:
 
     def close(self):
         self.source.close()
+
+
+def test_packed_kd_batches_give_the_padded_batches_logits_and_gradients(tiny_pair, tiny_cfg):
+    """``distill.pack_rows``: a KD batch without its left padding (rows end to end, positions
+    restarting) gives the student the same logits at the same response positions, in the same
+    order as the teacher's targets, and the same loss gradients, as the padded batch."""
+    from fedpt.distill import _student_logits, kd_loss, packed
+
+    tokenizer, small, large = tiny_pair
+    cfg = copy.deepcopy(tiny_cfg.distill)
+    cfg.batch_size, cfg.max_new_tokens = 4, 6
+    prompts = [format_prompt(ex, "alpaca") for ex in _splits().kd_pool[:4]]
+    # responses of different lengths, two shorter than the budget (they end on EOS)
+    responses = [tokenizer(text, add_special_tokens=False)["input_ids"][:cfg.max_new_tokens]
+                 for text in ("Paris is the capital", "yes", "one two three four five six seven", "a b")]
+    (batch,) = build_kd_batches(LocalLogitSource(large), tokenizer, prompts, responses, cfg, tiny_cfg.data)
+    pack = packed(batch)
+    real = int(batch.attention_mask.sum())
+    assert pack.input_ids.shape == (1, real) and real < batch.input_ids.numel()  # the padding is gone
+    student = attach_lora(copy.deepcopy(small), tiny_cfg.lora, seed=0)
+    with torch.no_grad():  # a non-identity adapter: it is on the gradient path
+        for name, param in student.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+
+    def logits_and_grads(kd_batch):
+        student.zero_grad(set_to_none=True)
+        logits = _student_logits(student, kd_batch)
+        kd_loss(logits, kd_batch, 2.0, 0.3).backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in student.named_parameters() if p.requires_grad}
+
+    want_logits, want_grads = logits_and_grads(batch)
+    got_logits, got_grads = logits_and_grads(pack)
+    assert want_logits.shape == (len(batch.targets), len(tokenizer))
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -233,6 +233,11 @@ class TrainConfig:
     # side, and in fp32 (dtype auto on AVX2-only CPUs) two devices training at once next to the
     # server's models ran the 24 GiB machine out of memory without it.
     gradient_checkpointing: bool = True
+    # A step's rows concatenated into one sequence (positions restart per row, attention stays
+    # inside each row: transformers' packed-sequence masks) instead of padded to the longest:
+    # the same loss and gradients, computed on the real tokens only (random batches of 4 Dolly
+    # rows are about half padding). Off = padded batches, as runs made before it trained.
+    pack_rows: bool = False
 
     def validate(self) -> None:
         _check_positive("train.steps", self.steps)
@@ -266,6 +271,8 @@ class DistillConfig:
     # Rows the teacher decodes at once (0 = distill.batch_size, as older runs did): decoding is
     # bound by reading the weights per step, so a wider batch costs little more per step than 4.
     teacher_batch_size: int = 0
+    # The student's rows end to end without padding, as train.pack_rows does for the devices
+    pack_rows: bool = False
     # Forward KL teacher -> student over the whole KD pool before and after the student steps
     # (rounds.jsonl kd_kl_before/after): a diagnostic costing two extra student passes per round.
     pool_kl: bool = False

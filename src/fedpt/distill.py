@@ -39,6 +39,8 @@ class KDBatch:
     select: torch.Tensor  # (B, K) bool over the last K positions: those whose *next* token is a response token
     targets: torch.Tensor  # (N,) the teacher's tokens at those positions
     teacher_logprobs: torch.Tensor  # (N, V) log p_teacher at temperature T (bf16 for big vocabularies)
+    # Packed (``packed``): the rows end to end, (1, T) with positions restarting per row, no padding
+    positions: torch.Tensor | None = None
 
 
 @dataclass
@@ -124,7 +126,26 @@ def kd_loss(student_logits: torch.Tensor, batch: KDBatch, temperature: float, ce
     return loss
 
 
+def packed(batch: KDBatch) -> KDBatch:
+    """The same batch without its left padding (``distill.pack_rows``): the rows' real tokens end
+    to end in one sequence, positions restarting per row (``fedpt.data.prompts.pack``'s layout),
+    ``select`` marking the same positions in the same row-major order as the targets."""
+    mask = batch.attention_mask.bool()
+    select = torch.zeros_like(mask)
+    select[:, mask.shape[1] - batch.select.shape[1]:] = batch.select
+    input_ids = batch.input_ids[mask][None]  # boolean indexing reads row by row: (1, real tokens)
+    positions = torch.cat([torch.arange(int(n)) for n in mask.sum(1)])[None]
+    return KDBatch(input_ids, torch.ones_like(input_ids), select[mask][None], batch.targets, batch.teacher_logprobs,
+                   positions=positions)
+
+
 def _student_logits(student: Any, batch: KDBatch) -> torch.Tensor:
+    if batch.positions is not None:
+        # No attention mask: transformers reads the restarting positions as packed rows and keeps
+        # each row's attention inside it; the head runs on the selected positions only.
+        out = student(input_ids=batch.input_ids, position_ids=batch.positions, use_cache=False,
+                      logits_to_keep=batch.select[0].nonzero().flatten())
+        return out.logits[0]  # (N, V)
     out = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                   position_ids=positions_from_mask(batch.attention_mask), use_cache=False,
                   logits_to_keep=batch.select.shape[1])
@@ -166,6 +187,8 @@ def distill(
                                  on_batch=lambda rows, steps: kept.extend(
                                      response_logprobs(rows, steps, cfg.max_new_tokens, cfg.temperature)))
         batches = build_kd_batches(teacher, tokenizer, prompts, responses, cfg, data_cfg, teacher_logprobs=kept)
+    if cfg.pack_rows:
+        batches = [packed(batch) for batch in batches]
     kl_before = _timed_pool_kl(student, batches, cfg.temperature) if cfg.pool_kl else None
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)

@@ -18,7 +18,7 @@ import torch
 import torch.utils.checkpoint
 
 from fedpt.config import DataConfig, TrainConfig
-from fedpt.data.prompts import IGNORE_INDEX, collate, encode_sft, format_prompt
+from fedpt.data.prompts import IGNORE_INDEX, collate, encode_sft, format_prompt, pack
 from fedpt.data.records import Example
 from fedpt.errors import FedPTError
 
@@ -47,7 +47,8 @@ def response_loss(model: Any, batch: dict[str, torch.Tensor], chunk_tokens: int 
         return model(**batch).loss
     targets = batch["labels"][:, 1:]  # logits at t predict token t+1
     select = targets != IGNORE_INDEX  # (B, T-1)
-    hidden = causal_lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+    hidden = causal_lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                                     position_ids=batch.get("position_ids"),  # packed rows (``pack``)
                                      use_cache=False).last_hidden_state  # (B, T, H)
     hidden, targets = hidden[:, :-1][select], targets[select]  # (N, H), (N,)
     head = causal_lm.get_output_embeddings()
@@ -92,14 +93,14 @@ def local_tune(
             rng.shuffle(epoch)
             order += epoch
         batch_rows, order = [rows[i] for i in order[: cfg.batch_size]], order[cfg.batch_size:]
-        batch = collate(batch_rows, tokenizer.pad_token_id)
+        batch = pack(batch_rows) if cfg.pack_rows else collate(batch_rows, tokenizer.pad_token_id)
         loss = response_loss(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        tokens += int(batch["attention_mask"].sum())
+        tokens += sum(len(ids) for ids, _ in batch_rows)
     model.eval()
     return TrainResult(
         loss=sum(losses) / len(losses), last_loss=losses[-1], steps=cfg.steps,

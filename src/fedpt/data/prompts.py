@@ -74,6 +74,23 @@ def collate(rows: list[tuple[list[int], list[int]]], pad_id: int, left: bool = F
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
+def pack(rows: list[tuple[list[int], list[int]]]) -> dict[str, "torch.Tensor"]:
+    """One (1, N) sequence of the rows' tokens end to end, with ``position_ids`` restarting at 0 for
+    each row and no attention mask: transformers then builds a block-diagonal causal mask
+    (``masking_utils.find_packed_sequence_indices``), so no row sees another and no padding is
+    computed. Each row's first label is ignored, so no row's last token learns to predict the next
+    row's first."""
+    import torch
+
+    input_ids, labels, positions = [], [], []
+    for ids, labs in rows:
+        input_ids += ids
+        labels += [IGNORE_INDEX] + list(labs[1:])
+        positions += range(len(ids))
+    as_row = lambda values: torch.tensor([values], dtype=torch.long)  # noqa: E731
+    return {"input_ids": as_row(input_ids), "position_ids": as_row(positions), "labels": as_row(labels)}
+
+
 def encode_prompts_left(
     tokenizer: Any, prompts: list[str], max_prompt_tokens: int
 ) -> tuple["torch.Tensor", "torch.Tensor"]:

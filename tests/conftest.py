@@ -14,6 +14,13 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # as the CLI sets it: before torch loads MKL
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # as the CLI sets it, whatever test runs first
+# The README's command runs two pytest-xdist workers (-n 2): most of a serial run's time is spent
+# waiting on child processes, Ray and servers, and two workers overlap that waiting. They share
+# 2 cores, so each runs one thread, and so does every process a test starts (it inherits this):
+# two processes of 2 threads each on 2 cores run 3-6x slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(scope="session", autouse=True)

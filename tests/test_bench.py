@@ -55,3 +55,12 @@ def test_bad_bench_arguments_are_one_line(tmp_path, capsys, args, words):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and words in err and "\n" not in err
     assert not out.with_suffix(".json").exists()
+
+
+def test_p7_target_follows_the_cpu():
+    """Issue 18: 8 min where torch has fast bf16 matmuls, 15 on AVX2-only CPUs (fp32 training)."""
+    from fedpt.bench import p7_target_minutes
+
+    assert p7_target_minutes(frozenset({"avx2", "fma"})) == 15
+    assert p7_target_minutes(frozenset({"avx2", "avx512f", "avx512_bf16"})) == 8
+    assert p7_target_minutes(frozenset({"avx2", "amx_tile"})) == 8

@@ -107,7 +107,7 @@ def evaluate_rouge_sets(
     """``evaluate_rouge`` of several sets decoded as one stream of batches: {set: EvalResult}.
 
     A batch may hold the end of one set and the start of the next, so small sets fill whole
-    batches (a decoding step costs about as much for 8 rows as for 24 on a CPU). Each set is
+    batches (on a CPU a 24-row decoding step costs far less than three 8-row ones). Each set is
     scored as if alone: the same prompts, protocol and per-prompt scores; only the batch company
     differs (which changes an engine's rounding, not the computation). ``on_set(name, result)``
     is told as soon as a set's last prompt is decoded under every seed, so a caller can keep

@@ -97,8 +97,9 @@ def retire_rows(source: object, rows: torch.Tensor) -> None:
     """Tell ``source`` that the rows set in ``rows`` (B,) bool will not be read again this session.
 
     Optional for a source: llama.cpp then leaves them out of every later step (a CPU's wide
-    decoding steps are bound by the FLOPs of their rows, and finished rows are a third of a
-    batch's rows by its end); their logits come back as zeros. Others ignore it.
+    decoding steps are bound by the FLOPs of their rows, and a row that stopped early would
+    otherwise cost them until the batch's last row stops); their logits come back as zeros.
+    Others ignore it.
     """
     method = getattr(source, "retire_rows", None)
     if method is not None:

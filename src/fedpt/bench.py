@@ -75,10 +75,10 @@ class BenchConfig:
 def p7_target_minutes(flags: frozenset[str] | None = None) -> int:
     """Issue 18's P7 target for the CPU: 8 min where torch has fast bf16 matmuls (AVX-512-BF16,
     AMX), 15 min on AVX2-only CPUs (every trained model runs in fp32 there)."""
-    from fedpt.cpu import cpu_flags
+    from fedpt.cpu import cpu_flags, has_amx
 
     flags = cpu_flags() if flags is None else flags
-    return 8 if flags & {"avx512_bf16", "amx_tile", "amx_bf16"} else 15
+    return 8 if "avx512_bf16" in flags or has_amx(flags) else 15
 
 
 def counted_flops(fn: Callable[[], Any]) -> int:

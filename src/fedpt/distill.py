@@ -134,7 +134,7 @@ def packed(batch: KDBatch) -> KDBatch:
     select = torch.zeros_like(mask)
     select[:, mask.shape[1] - batch.select.shape[1]:] = batch.select
     input_ids = batch.input_ids[mask][None]  # boolean indexing reads row by row: (1, real tokens)
-    positions = torch.cat([torch.arange(int(n)) for n in mask.sum(1)])[None]
+    positions = positions_from_mask(batch.attention_mask)[mask][None]  # 0..n-1 within each row
     return KDBatch(input_ids, torch.ones_like(input_ids), select[mask][None], batch.targets, batch.teacher_logprobs,
                    positions=positions)
 

@@ -16,6 +16,7 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
+from itertools import accumulate
 from typing import Any
 
 from fedpt.config import DataConfig, EvalConfig
@@ -115,10 +116,7 @@ def evaluate_rouge_sets(
     """
     names = list(sets)
     examples = [ex for name in names for ex in sets[name]]
-    ends, total = {}, 0
-    for name in names:
-        total += len(sets[name])
-        ends[name] = total
+    ends = dict(zip(names, accumulate(len(sets[name]) for name in names)))  # one past each set's last prompt
     prompts = [format_prompt(ex, data_cfg.template, tokenizer) for ex in examples]
     runs = decodings(cfg)
     answers: list[list[str]] = []  # [seed][prompt]
@@ -135,16 +133,13 @@ def evaluate_rouge_sets(
             if on_set is not None:
                 on_set(name, results[name])
 
-    for index, decoding in enumerate(runs):
+    def keep(rows: list[list[int]], _steps: Any) -> None:  # a batch of the seed being decoded
+        answers[-1].extend(tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows)
+        if len(answers) == len(runs):
+            finish_sets(len(answers[-1]))
+
+    for decoding in runs:
         answers.append([])
-        last_seed = index == len(runs) - 1
-
-        def keep(rows: list[list[int]], _steps: Any, seed_answers: list[str] = answers[-1],
-                 last_seed: bool = last_seed) -> None:
-            seed_answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
-            if last_seed:
-                finish_sets(len(seed_answers))
-
         generate_ids(source, tokenizer, prompts, decoding, cfg.batch_size, data_cfg.max_prompt_tokens,
                      on_batch=keep, on_prompts=on_prompts, keep_step_logits=False)
     finish_sets(len(examples))  # empty sets

@@ -66,3 +66,42 @@ def test_fp32_checkpoints_and_bf16_compute_load_as_they_are(fedpt_home):
     model = load_model_for_training("tiny-small", "float32")
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert torch.equal(next(model.parameters()), next(load_model("tiny-small", "float32").parameters()))
+
+
+def test_backward_keeps_the_stored_weights_not_fp32_copies(bf16_checkpoint, tiny_cfg):
+    """The KD student trains without activation checkpointing: whatever autograd saves for the
+    backward pass lives until it, so an fp32 copy of each frozen weight saved there would cost
+    more than the fp32 model. The lean model must save the bf16 parameters themselves, and its
+    gradients must still be the fp32 model's."""
+    reference = attach_lora(load_model(bf16_checkpoint, "float32"), tiny_cfg.lora, seed=0)
+    lean = attach_lora(load_model_for_training(bf16_checkpoint, "float32"), tiny_cfg.lora, seed=0)
+    generator = torch.Generator().manual_seed(2)  # non-zero B: gradients reach every A through the frozen layers
+    start = {k: v if "lora_A" in k else 0.1 * torch.randn(v.shape, generator=generator)
+             for k, v in get_adapter_state(reference).items()}
+    set_adapter_state(reference, start)
+    set_adapter_state(lean, start)
+    frozen = {p.data_ptr() for p in lean.parameters() if not p.requires_grad}
+    frozen_shapes = {tuple(p.shape) for p in lean.parameters() if not p.requires_grad and p.dim() == 2}
+    copies = []
+
+    def pack(tensor):  # every tensor autograd keeps for the backward pass
+        if tensor.dtype == torch.float32 and tuple(tensor.shape) in frozen_shapes and tensor.data_ptr() not in frozen:
+            copies.append(tuple(tensor.shape))
+        return tensor
+
+    ids = torch.randint(0, 2000, (2, 13), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for model in (reference, lean):
+        model.train()
+        torch.manual_seed(7)  # LoRA dropout draws from the global generator
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        if model is reference:
+            copies.clear()  # the fp32 model saves its own parameters: not copies
+    assert copies == []
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
+    assert all(g.abs().sum() > 0 for g in grads[1].values())

@@ -204,6 +204,9 @@ def upcast_weights_on_use(model: Any, dtype: Any) -> Any:
     ``nn.Embedding`` returns ``dtype`` rows; everything downstream (norms, attention, rotary
     embeddings) then runs in ``dtype``, since PyTorch promotes a bf16 parameter times an fp32
     tensor to fp32. Patched per instance, so peft's LoRA layers wrap the patched base layers.
+    A frozen weight's upcast copy is not what autograd keeps for the backward pass
+    (``_upcast_linear``): without activation checkpointing that would hold an fp32 copy of every
+    weight until the backward pass, more than the fp32 model itself.
     """
     import types
 
@@ -212,7 +215,9 @@ def upcast_weights_on_use(model: Any, dtype: Any) -> Any:
 
     def linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(dtype)
-        return F.linear(x, self.weight.to(dtype), bias)
+        if self.weight.requires_grad or not torch.is_grad_enabled():
+            return F.linear(x, self.weight.to(dtype), bias)
+        return _upcast_linear().apply(x, self.weight, bias)
 
     def embedding(self: torch.nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.weight, self.padding_idx, self.max_norm, self.norm_type,
@@ -224,6 +229,28 @@ def upcast_weights_on_use(model: Any, dtype: Any) -> Any:
         elif type(module) is torch.nn.Embedding:
             module.forward = types.MethodType(embedding, module)
     return model
+
+
+@lru_cache(maxsize=1)  # one autograd Function class, made on first use (no torch import at module load)
+def _upcast_linear() -> Any:
+    import torch
+    import torch.nn.functional as F
+
+    class UpcastLinear(torch.autograd.Function):
+        """``x @ weight.to(x.dtype).T + bias`` for a frozen ``weight``: the backward pass keeps the
+        stored (bf16) weight and upcasts it again, instead of keeping the fp32 copy alive."""
+
+        @staticmethod
+        def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            ctx.save_for_backward(weight)
+            return F.linear(x, weight.to(x.dtype), bias)
+
+        @staticmethod
+        def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+            (weight,) = ctx.saved_tensors
+            return grad @ weight.to(grad.dtype), None, None  # frozen weight and bias: no gradients
+
+    return UpcastLinear
 
 
 def check_same_vocabulary(small_spec: str, large_spec: str) -> None:

@@ -146,7 +146,7 @@ def measure(cfg: FedPTConfig, run_dir: Path, threads: int) -> dict[str, Any]:
     rows = phase_table(cfg, profile, bandwidth, gemm, gemm_one)
     return {"bandwidth_gb_s": bandwidth / 1e9, "gemm_gflop_s": gemm / 1e9, "gemm_one_thread_gflop_s": gemm_one / 1e9,
             "wall_seconds": profile["wall_seconds"], "outside_phases_seconds": profile["outside_phases_seconds"],
-            "rows": rows}
+            "rows": rows, "memory": profile.get("memory")}
 
 
 def markdown(table: dict[str, Any]) -> list[str]:
@@ -160,4 +160,19 @@ def markdown(table: dict[str, Any]) -> list[str]:
         ratio = f"**{row['ratio']:.2f}**" if row["ratio"] is not None else ""
         lines.append(f"| {row['phase']} | {row['kind']} | {row['seconds']:.1f} | {row['calls']} | {row['work']} | "
                      f"{bound} | {ratio} |")
+    return lines + memory_markdown(table.get("memory"))
+
+
+def memory_markdown(memory: dict[str, Any] | None) -> list[str]:
+    """Who held the memory at the all-process peak (PSS), and each process's own peak."""
+    if not memory or not memory.get("at_peak"):
+        return []  # a run made before the breakdown was recorded
+    at_peak = memory["at_peak"]
+    lines = ["", f"Memory at the all-process peak ({memory['peak_bytes'] / 2**30:.2f} GiB PSS, server in phase "
+                 f"`{at_peak.get('phase') or 'none'}`), and each process's own peak:", "",
+             "| process | at the peak GiB | own peak GiB |", "|---|---|---|"]
+    own = memory.get("per_process_peak_bytes", {})
+    for name in dict.fromkeys([*at_peak["processes"], *own]):
+        share = at_peak["processes"].get(name)
+        lines.append(f"| {name} | {'' if share is None else f'{share / 2**30:.2f}'} | {own.get(name, 0) / 2**30:.2f} |")
     return lines

@@ -7,6 +7,7 @@ import os
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 @dataclass
@@ -95,12 +96,17 @@ class PeakMemory:
     """Peak memory of this process and all its children (Ray actors included), sampled.
 
     Sums PSS (proportional set size), so pages shared between processes (mmapped weights,
-    Ray's object store, libraries) count once, not once per process as RSS would.
+    Ray's object store, libraries) count once, not once per process as RSS would. Besides the
+    peak of the sum it keeps what made it (``at_peak``: each process's share and the server's
+    phase at that moment, ``fedpt.profile.current``) and each process's own peak
+    (``per_process``): the numbers that say which process to slim and when.
     """
 
     def __init__(self, interval: float = 1.0) -> None:
         self.interval = interval
         self.peak_bytes = 0
+        self.at_peak: dict[str, object] = {}
+        self.per_process: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -109,14 +115,33 @@ class PeakMemory:
 
         me = psutil.Process()
         while not self._stop.is_set():
-            total = 0
-            for proc in [me, *me.children(recursive=True)]:
-                try:
-                    total += proc.memory_full_info().pss
-                except (psutil.Error, AttributeError):
-                    pass
-            self.peak_bytes = max(self.peak_bytes, total)
+            self.sample(me, [me, *me.children(recursive=True)])
             self._stop.wait(self.interval)
+
+    def sample(self, me: Any, procs: list[Any]) -> None:
+        """One sample of ``procs`` (``me`` is the server); public so tests can feed it."""
+        import psutil
+
+        from fedpt import profile
+
+        shares: dict[str, int] = {}
+        for proc in procs:
+            try:
+                pss = proc.memory_full_info().pss
+                label = "server" if proc.pid == me.pid else f"{process_role(proc.cmdline())} (pid {proc.pid})"
+            except (psutil.Error, AttributeError):
+                continue
+            shares[label] = pss
+            self.per_process[label] = max(self.per_process.get(label, 0), pss)
+        total = sum(shares.values())
+        if total > self.peak_bytes:
+            self.peak_bytes = total
+            self.at_peak = {"phase": profile.current(), "processes": dict(sorted(shares.items(), key=lambda kv: -kv[1]))}
+
+    def report(self) -> dict[str, object]:
+        """For ``profile.json``: the peak, what made it, and every process's own peak."""
+        return {"peak_bytes": self.peak_bytes, "at_peak": self.at_peak,
+                "per_process_peak_bytes": dict(sorted(self.per_process.items(), key=lambda kv: -kv[1]))}
 
     def __enter__(self) -> "PeakMemory":
         self._thread.start()
@@ -125,3 +150,17 @@ class PeakMemory:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def process_role(cmdline: list[str]) -> str:
+    """A child process's role from its command line: a Flower device (a Ray actor running the
+    ClientApp), another Ray worker, Ray's own services, or the program's name."""
+    text = " ".join(cmdline)
+    if "ClientAppActor" in text:
+        return "device actor"
+    if text.startswith("ray::"):
+        return text.split()[0]
+    for service in ("gcs_server", "raylet", "dashboard", "log_monitor", "monitor.py", "runtime_env"):
+        if service in text:
+            return f"ray {service.removesuffix('.py')}"
+    return Path(cmdline[0]).name if cmdline else "?"

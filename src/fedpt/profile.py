@@ -55,6 +55,14 @@ def _accumulate(name: str, values: dict[str, float]) -> None:
         totals[key] = totals.get(key, 0) + value
 
 
+def current() -> str | None:
+    """The innermost open phase, or None (read by ``fedpt.metrics.PeakMemory``'s sampler thread)."""
+    try:
+        return _open[-1][0]
+    except IndexError:
+        return None
+
+
 def snapshot() -> dict[str, dict[str, float]]:
     return {name: dict(values) for name, values in _totals.items()}
 

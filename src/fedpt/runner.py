@@ -223,7 +223,7 @@ def run(cfg: FedPTConfig, out_dir: Path, overwrite: bool = False, verbose: bool 
             summary = write_summary(out_dir, cfg, records, eval_sizes, time.perf_counter() - start,
                                     memory.peak_bytes)
         profile.write(out_dir / "profile.json", time.perf_counter() - start,
-                      {"devices": device_work(cfg, records)})
+                      {"devices": device_work(cfg, records), "memory": memory.report()})
         return summary
 
 

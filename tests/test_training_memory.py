@@ -68,11 +68,17 @@ def test_fp32_checkpoints_and_bf16_compute_load_as_they_are(fedpt_home):
     assert torch.equal(next(model.parameters()), next(load_model("tiny-small", "float32").parameters()))
 
 
-def test_backward_keeps_the_stored_weights_not_fp32_copies(bf16_checkpoint, tiny_cfg):
+@pytest.mark.parametrize("block", [None, 2**18], ids=["whole", "head-in-blocks"])
+def test_backward_keeps_the_stored_weights_not_fp32_copies(bf16_checkpoint, tiny_cfg, monkeypatch, block):
     """The KD student trains without activation checkpointing: whatever autograd saves for the
     backward pass lives until it, so an fp32 copy of each frozen weight saved there would cost
     more than the fp32 model. The lean model must save the bf16 parameters themselves, and its
-    gradients must still be the fp32 model's."""
+    logits and gradients must still be the fp32 model's, also when the head (151,936 x 64 here)
+    is upcast a block of rows at a time, as the real models' heads are."""
+    import fedpt.models.loading as loading
+
+    if block is not None:
+        monkeypatch.setattr(loading, "UPCAST_BLOCK_ELEMENTS", block)  # 4,096 rows: 38 head blocks
     reference = attach_lora(load_model(bf16_checkpoint, "float32"), tiny_cfg.lora, seed=0)
     lean = attach_lora(load_model_for_training(bf16_checkpoint, "float32"), tiny_cfg.lora, seed=0)
     generator = torch.Generator().manual_seed(2)  # non-zero B: gradients reach every A through the frozen layers
@@ -80,6 +86,8 @@ def test_backward_keeps_the_stored_weights_not_fp32_copies(bf16_checkpoint, tiny
              for k, v in get_adapter_state(reference).items()}
     set_adapter_state(reference, start)
     set_adapter_state(lean, start)
+    head = lean.get_output_embeddings().weight
+    assert block is None or head.shape[0] > block // head.shape[1]  # the blocked path is the one taken
     frozen = {p.data_ptr() for p in lean.parameters() if not p.requires_grad}
     frozen_shapes = {tuple(p.shape) for p in lean.parameters() if not p.requires_grad and p.dim() == 2}
     copies = []
@@ -90,17 +98,19 @@ def test_backward_keeps_the_stored_weights_not_fp32_copies(bf16_checkpoint, tiny
         return tensor
 
     ids = torch.randint(0, 2000, (2, 13), generator=torch.Generator().manual_seed(1))
-    grads = []
+    grads, logits = [], []
     for model in (reference, lean):
         model.train()
         torch.manual_seed(7)  # LoRA dropout draws from the global generator
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+            out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        logits.append(out.logits.detach())
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
         if model is reference:
             copies.clear()  # the fp32 model saves its own parameters: not copies
     assert copies == []
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)

@@ -206,7 +206,8 @@ def upcast_weights_on_use(model: Any, dtype: Any) -> Any:
     tensor to fp32. Patched per instance, so peft's LoRA layers wrap the patched base layers.
     A frozen weight's upcast copy is not what autograd keeps for the backward pass
     (``_upcast_linear``): without activation checkpointing that would hold an fp32 copy of every
-    weight until the backward pass, more than the fp32 model itself.
+    weight until the backward pass, more than the fp32 model itself. A large weight (the LM head:
+    151,936 x 896 on Qwen2.5-0.5B) is upcast ``UPCAST_BLOCK_ELEMENTS`` at a time, not whole.
     """
     import types
 
@@ -215,7 +216,7 @@ def upcast_weights_on_use(model: Any, dtype: Any) -> Any:
 
     def linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(dtype)
-        if self.weight.requires_grad or not torch.is_grad_enabled():
+        if self.weight.requires_grad:  # a trained weight keeps autograd's own linear
             return F.linear(x, self.weight.to(dtype), bias)
         return _upcast_linear().apply(x, self.weight, bias)
 
@@ -231,24 +232,47 @@ def upcast_weights_on_use(model: Any, dtype: Any) -> Any:
     return model
 
 
+# Elements of a frozen weight upcast at once (64 MB in fp32): the Qwen2.5-0.5B head's fp32 copy
+# would be 545 MB, next to its logits; a decoder layer's largest weight (4.4M) is one block.
+UPCAST_BLOCK_ELEMENTS = 2**24
+
+
 @lru_cache(maxsize=1)  # one autograd Function class, made on first use (no torch import at module load)
 def _upcast_linear() -> Any:
     import torch
     import torch.nn.functional as F
 
+    def row_blocks(weight: torch.Tensor) -> list[slice]:
+        rows = max(1, UPCAST_BLOCK_ELEMENTS // max(weight.shape[1], 1))
+        return [slice(start, start + rows) for start in range(0, weight.shape[0], rows)]
+
     class UpcastLinear(torch.autograd.Function):
         """``x @ weight.to(x.dtype).T + bias`` for a frozen ``weight``: the backward pass keeps the
-        stored (bf16) weight and upcasts it again, instead of keeping the fp32 copy alive."""
+        stored (bf16) weight and upcasts it again, instead of keeping the fp32 copy alive, and a
+        large weight is upcast a block of output rows at a time."""
 
         @staticmethod
         def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
             ctx.save_for_backward(weight)
-            return F.linear(x, weight.to(x.dtype), bias)
+            blocks = row_blocks(weight)
+            if len(blocks) == 1:
+                return F.linear(x, weight.to(x.dtype), bias)
+            out = x.new_empty(*x.shape[:-1], weight.shape[0])
+            for part in blocks:
+                out[..., part] = F.linear(x, weight[part].to(x.dtype), None if bias is None else bias[part])
+            return out
 
         @staticmethod
         def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
             (weight,) = ctx.saved_tensors
-            return grad @ weight.to(grad.dtype), None, None  # frozen weight and bias: no gradients
+            blocks = row_blocks(weight)
+            if len(blocks) == 1:
+                return grad @ weight.to(grad.dtype), None, None  # frozen weight and bias: no gradients
+            flat = grad.reshape(-1, weight.shape[0])
+            out = flat.new_zeros(flat.shape[0], weight.shape[1])
+            for part in blocks:
+                out.addmm_(flat[:, part], weight[part].to(grad.dtype))
+            return out.view(*grad.shape[:-1], weight.shape[1]), None, None
 
     return UpcastLinear
 

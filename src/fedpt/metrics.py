@@ -106,7 +106,7 @@ class PeakMemory:
         self.interval = interval
         self.peak_bytes = 0
         self.at_peak: dict[str, object] = {}
-        self.per_process: dict[str, int] = {}
+        self.per_process: dict[int, dict[str, Any]] = {}  # pid -> {"role", "peak_bytes"}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -132,7 +132,10 @@ class PeakMemory:
             except (psutil.Error, AttributeError):
                 continue
             shares[label] = pss
-            self.per_process[label] = max(self.per_process.get(label, 0), pss)
+            seen = self.per_process.setdefault(proc.pid, {"role": label, "peak_bytes": 0})
+            seen["peak_bytes"] = max(seen["peak_bytes"], pss)
+            if "device actor" not in seen["role"]:  # a Ray worker becomes a device when it runs one
+                seen["role"] = label
         total = sum(shares.values())
         if total > self.peak_bytes:
             self.peak_bytes = total
@@ -140,8 +143,9 @@ class PeakMemory:
 
     def report(self) -> dict[str, object]:
         """For ``profile.json``: the peak, what made it, and every process's own peak."""
+        own = sorted(self.per_process.values(), key=lambda seen: -seen["peak_bytes"])
         return {"peak_bytes": self.peak_bytes, "at_peak": self.at_peak,
-                "per_process_peak_bytes": dict(sorted(self.per_process.items(), key=lambda kv: -kv[1]))}
+                "per_process_peak_bytes": {seen["role"]: seen["peak_bytes"] for seen in own}}
 
     def __enter__(self) -> "PeakMemory":
         self._thread.start()

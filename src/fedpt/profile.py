@@ -22,6 +22,7 @@ from pathlib import Path
 
 _totals: dict[str, dict[str, float]] = {}
 _open: list[list] = []  # [name, started, seconds spent in nested phases]
+_waiting: str | None = None  # what the server waits on outside any phase (``waiting``)
 
 
 @contextmanager
@@ -55,12 +56,20 @@ def _accumulate(name: str, values: dict[str, float]) -> None:
         totals[key] = totals.get(key, 0) + value
 
 
+def waiting(name: str | None) -> None:
+    """Name what the server waits on until ``waiting(None)`` (a span timed by its caller with
+    ``add``, such as the devices' round), for ``current``."""
+    global _waiting
+    _waiting = name
+
+
 def current() -> str | None:
-    """The innermost open phase, or None (read by ``fedpt.metrics.PeakMemory``'s sampler thread)."""
+    """The innermost open phase, else what the server waits on, else None (read by
+    ``fedpt.metrics.PeakMemory``'s sampler thread)."""
     try:
         return _open[-1][0]
     except IndexError:
-        return None
+        return _waiting
 
 
 def snapshot() -> dict[str, dict[str, float]]:
@@ -68,7 +77,9 @@ def snapshot() -> dict[str, dict[str, float]]:
 
 
 def reset() -> None:
+    global _waiting
     _totals.clear()
+    _waiting = None
 
 
 def write(path: Path, wall_seconds: float, extra: dict | None = None) -> dict:

@@ -165,6 +165,7 @@ class FedPTStrategy(FedAvg):
         self.begin_round(server_round, [m.metadata.dst_node_id for m in messages], arrays.count_bytes())
         self.phase(server_round, f"device training ({len(messages)} devices)")
         self._sent_at = time.perf_counter()
+        profile.waiting("device rounds (wait)")
         if kill_point_armed := _timer_kill("device-training", server_round):
             kill_point_armed.start()  # fires once the messages are out and devices are training
         return messages
@@ -178,6 +179,7 @@ class FedPTStrategy(FedAvg):
         if getattr(self, "_sent_at", None) is not None:  # broadcast to the last reply (or the timeout)
             profile.add("device rounds (wait)", time.perf_counter() - self._sent_at, rounds=1)
             self._sent_at = None
+            profile.waiting(None)
         record = self.record
         ok, problems = [], []
         self._norms = []  # L2 norms of the valid updates (to choose a DP clip or a norm bound)

@@ -26,7 +26,7 @@ print((before - process.memory_info().rss) / 2**20)
 
 
 def released_mib(setting: str | None) -> float:
-    env = {k: v for k, v in os.environ.items() if k not in (ENV, "MALLOC_MMAP_THRESHOLD_")}
+    env = {k: v for k, v in os.environ.items() if k not in (ENV, "MALLOC_MMAP_THRESHOLD_", "THP_MEM_ALLOC_ENABLE")}
     if setting is not None:
         env[ENV] = setting
     out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True)
@@ -50,3 +50,15 @@ def test_threshold_setting_reads_the_environment(monkeypatch):
     assert threshold_setting() == 4 << 20
     monkeypatch.setenv(ENV, "a lot")  # importing fedpt must not fail over a tuning knob
     assert threshold_setting() is None
+
+
+def test_torch_allocates_large_tensors_on_huge_pages_unless_told_not_to():
+    """torch reads THP_MEM_ALLOC_ENABLE once, at its first allocation: importing fedpt (before
+    torch) must have set it by then; a user's own setting stays."""
+    probe = "import fedpt, os, torch; torch.ones(1 << 22); print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    for setting, want in ((None, "1"), ("0", "0")):
+        if setting is not None:
+            env["THP_MEM_ALLOC_ENABLE"] = setting
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == want

@@ -174,6 +174,36 @@ def test_retired_rows_leave_the_steps_and_the_others_decode_as_before(tiny_pair,
     assert computed == [4]
 
 
+def test_kv_cache_sized_to_the_prompt_plus_the_new_tokens_reserved(tiny_pair, engine, monkeypatch):
+    """A decoding session says how many tokens it will add (``reserve_new_tokens``, passed on by
+    the proxy to its three sources): llama.cpp's rows then hold prompt + that, rounded to 256,
+    instead of prompt + 512, and the decoding is the one it was."""
+    from fedpt.models.llamacpp import LlamaCppLogitSource
+    from fedpt.proxy import Decoding, ProxyTunedLM, TwoSourceDiff, decode
+
+    tokenizer = tiny_pair[0]
+    ids, mask = padded_batch(tokenizer, TEXTS)
+    per_row, make = [], LlamaCppLogitSource._context
+
+    def context(self, rows, length, room=None):
+        handle = make(self, rows, length, room)
+        per_row.append(self._ctx.per_row)
+        return handle
+
+    monkeypatch.setattr(LlamaCppLogitSource, "_context", context)
+    decoding = Decoding(max_new_tokens=6)
+    proxy = ProxyTunedLM(engine.source(), TwoSourceDiff(engine.source(), engine.source()), alpha=0.5)
+    reserved = decode(proxy, ids, mask, [tokenizer.eos_token_id], tokenizer.pad_token_id, decoding)
+    assert per_row == [256, 256, 256]  # longest prompt + 1 + 6 tokens, for all three sources
+
+    per_row.clear()
+    monkeypatch.setattr(LlamaCppLogitSource, "reserve_new_tokens", lambda self, count: None)
+    proxy = ProxyTunedLM(engine.source(), TwoSourceDiff(engine.source(), engine.source()), alpha=0.5)
+    unreserved = decode(proxy, ids, mask, [tokenizer.eos_token_id], tokenizer.pad_token_id, decoding)
+    assert per_row == [768, 768, 768]  # the default: 512 tokens of room
+    assert reserved == unreserved and any(reserved)
+
+
 def rounds(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
 

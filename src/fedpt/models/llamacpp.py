@@ -233,22 +233,24 @@ class LlamaCppLogitSource(_ClosedWhenCollected):
         self._ctx: _Context | None = None
         self._next_pos: list[int] = []
         self._retired: set[int] = set()  # rows the session no longer reads: left out of steps
+        self._room: int | None = None  # new tokens the next session decodes (``reserve_new_tokens``)
 
     # -- contexts and batches --------------------------------------------------------------
 
-    def _context(self, rows: int, length: int) -> Any:
+    def _context(self, rows: int, length: int, room: int | None = None) -> Any:
         """A context with ``rows`` KV streams of at least ``length`` tokens, its memory cleared.
 
-        Reused while it fits; the per-row capacity is rounded up with room to decode, so a run
-        makes a handful of contexts, not one per batch.
+        ``room``: the new tokens the session will decode (``reserve_new_tokens``); unknown, a new
+        context gets 512. Reused while it fits; the per-row capacity is rounded up, so a run makes
+        a handful of contexts, not one per batch.
         """
         ctx = self._ctx
-        if ctx is None or ctx.rows < rows or ctx.per_row < length:
+        if ctx is None or ctx.rows < rows or ctx.per_row < length + (room or 0):
             self._free_context()
             if length > self.model.n_ctx_train:
                 raise FedPTError(f"a sequence of {length} tokens exceeds {self.model.path.name}'s context "
                                  f"({self.model.n_ctx_train}); shorten data.max_prompt_tokens or eval.max_new_tokens")
-            per_row = min(self.model.n_ctx_train, _round_up(length + 512, 256))  # room to decode
+            per_row = min(self.model.n_ctx_train, _round_up(length + (512 if room is None else room), 256))
             params = self.lib.llama_context_default_params()
             params.n_ctx = per_row * rows
             params.n_batch = params.n_ubatch = self.CHUNK
@@ -304,7 +306,7 @@ class LlamaCppLogitSource(_ClosedWhenCollected):
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         rows = _real_tokens(input_ids, attention_mask)
-        handle = self._context(len(rows), max(len(r) for r in rows) + 1)
+        handle = self._context(len(rows), max(len(r) for r in rows) + 1, self._room)
         starts = self._share_prefixes(handle, rows)
         entries = [(tok, pos, row, pos == len(seq) - 1)
                    for row, (seq, start) in enumerate(zip(rows, starts)) for pos, tok in enumerate(seq) if pos >= start]
@@ -376,6 +378,10 @@ class LlamaCppLogitSource(_ClosedWhenCollected):
         """Rows (B,) bool that later steps leave out (see ``fedpt.proxy.retire_rows``)."""
         self._retired = set(torch.nonzero(rows).flatten().tolist())
 
+    def reserve_new_tokens(self, count: int) -> None:
+        """The next session decodes at most ``count`` tokens per row (``fedpt.proxy.reserve_new_tokens``)."""
+        self._room = count
+
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_last: int = 0) -> torch.Tensor:
         """(B, K, V) logits at the last K positions (all T when ``keep_last`` is 0). Positions
         that are left padding get zeros: no model output exists for them."""
@@ -398,6 +404,7 @@ class LlamaCppLogitSource(_ClosedWhenCollected):
     def close(self) -> None:
         self._free_context()
         self._next_pos = []
+        self._room = None
 
 
 

@@ -120,20 +120,28 @@ class ServerModels:
 
     @classmethod
     def load(cls, cfg: FedPTConfig, splits: Splits, large_trainable: bool,
-             run_dir: Path | None = None) -> ServerModels:
+             run_dir: Path | None = None, distils: bool = False) -> ServerModels:
         """``run_dir``: where finished evaluations are kept (``<run_dir>/eval-cache``), so a stop
-        loses at most the set being decoded; None keeps them in memory."""
+        loses at most the set being decoded; None keeps them in memory. ``distils``: the torch
+        small LM is the KD student (a training run), not only a model to decode."""
         with profile.phase("model loading (server)"):
-            return cls._load(cfg, splits, large_trainable, run_dir)
+            return cls._load(cfg, splits, large_trainable, run_dir, distils)
 
     @classmethod
-    def _load(cls, cfg: FedPTConfig, splits: Splits, large_trainable: bool, run_dir: Path | None) -> ServerModels:
+    def _load(cls, cfg: FedPTConfig, splits: Splits, large_trainable: bool, run_dir: Path | None,
+              distils: bool) -> ServerModels:
         from fedpt.eval_cache import FOLDER
-        from fedpt.models.loading import load_model, load_tokenizer
+        from fedpt.models.loading import load_model, load_model_for_training, load_tokenizer
 
         tokenizer = load_tokenizer(cfg.model.small)
         # Fresh copies, not the per-process cache: peft injects adapters into the base in place.
-        small_base = load_model(cfg.model.small, cfg.model.dtype)
+        # When llama.cpp decodes every view of the small LM, torch only trains it (the KD student):
+        # its frozen base then stays as stored and is upcast layer by layer, as on devices
+        # (``load_model_for_training``: the same numbers in half the memory on fp32 CPUs). Torch
+        # decoding keeps full-width weights: it is bound by reading them.
+        decoded_by_llamacpp = cfg.model.eval_engine == "llamacpp" and cfg.model.small_proxy_backend == "llamacpp"
+        load_small = load_model_for_training if distils and decoded_by_llamacpp else load_model
+        small_base = load_small(cfg.model.small, cfg.model.dtype)
         large, large_source = large_logit_source(cfg, small_base)
         small = attach_lora(small_base, cfg.lora, seed=cfg.run.seed)
         if large_trainable:  # fedavg-large: the devices' adapter lives on a torch copy (white box)

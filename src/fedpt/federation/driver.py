@@ -37,7 +37,8 @@ def run_systems(grid: Grid, cfg: FedPTConfig, out_dir: Path | None, progress: Pr
     through its SecAgg+ workflow (``fedpt.federation.secagg``); the FedPT steps are the same.
     """
     splits = load_splits(cfg)
-    server = ServerModels.load(cfg, splits, large_trainable="fedavg-large" in cfg.run.systems, run_dir=out_dir)
+    server = ServerModels.load(cfg, splits, large_trainable="fedavg-large" in cfg.run.systems, run_dir=out_dir,
+                                distils=True)
     round_log = RoundLog(out_dir / "rounds.jsonl" if out_dir else None)
     fed = cfg.federation
     secure = None

@@ -115,3 +115,22 @@ def test_backward_keeps_the_stored_weights_not_fp32_copies(bf16_checkpoint, tiny
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
     assert all(g.abs().sum() > 0 for g in grads[1].values())
+
+
+@pytest.mark.parametrize("engine, distils, lean", [("llamacpp", True, True), ("llamacpp", False, False),
+                                                   ("torch", True, False)])
+def test_the_server_student_is_lean_only_where_torch_never_decodes_it(bf16_checkpoint, monkeypatch, engine,
+                                                                      distils, lean):
+    """The server's torch small LM keeps bf16-stored weights (upcast on use) when it is only the
+    KD student: llama.cpp decodes every view of it. Where torch decodes it (eval engine torch, or
+    a command that only evaluates) it stays full-width: decoding is bound by reading weights."""
+    pytest.importorskip("llama_cpp")
+    from fedpt.config import load_config
+    from fedpt.server import ServerModels, load_splits
+
+    cfg = load_config(preset="tiny", overrides=[f"model.small={bf16_checkpoint}", f"model.eval_engine={engine}",
+                                                f"model.large_backend={'llamacpp' if engine == 'llamacpp' else 'local'}",
+                                                f"model.small_proxy_backend={'llamacpp' if engine == 'llamacpp' else 'torch'}"])
+    server = ServerModels.load(cfg, load_splits(cfg), large_trainable=False, distils=distils)
+    frozen = {p.dtype for p in server.small.parameters() if not p.requires_grad}
+    assert frozen == ({torch.bfloat16} if lean else {torch.float32})

@@ -131,11 +131,11 @@ class PeakMemory:
                 label = "server" if proc.pid == me.pid else f"{process_role(proc.cmdline())} (pid {proc.pid})"
             except (psutil.Error, AttributeError):
                 continue
-            shares[label] = pss
             seen = self.per_process.setdefault(proc.pid, {"role": label, "peak_bytes": 0})
-            seen["peak_bytes"] = max(seen["peak_bytes"], pss)
-            if "device actor" not in seen["role"]:  # a Ray worker becomes a device when it runs one
+            if "device actor" not in seen["role"]:  # a Ray worker that ran a device stays one
                 seen["role"] = label
+            seen["peak_bytes"] = max(seen["peak_bytes"], pss)
+            shares[seen["role"]] = pss
         total = sum(shares.values())
         if total > self.peak_bytes:
             self.peak_bytes = total

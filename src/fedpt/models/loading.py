@@ -216,8 +216,8 @@ def upcast_weights_on_use(model: Any, dtype: Any) -> Any:
 
     def linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(dtype)
-        if self.weight.requires_grad:  # a trained weight keeps autograd's own linear
-            return F.linear(x, self.weight.to(dtype), bias)
+        if self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad):
+            return F.linear(x, self.weight.to(dtype), bias)  # trained: autograd's own linear
         return _upcast_linear().apply(x, self.weight, bias)
 
     def embedding(self: torch.nn.Embedding, ids: torch.Tensor) -> torch.Tensor:

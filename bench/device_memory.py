@@ -57,7 +57,8 @@ def peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_case(kind: str, block: int | None, env: dict[str, str]) -> dict:
+def run_case(kind: str, block: int | None) -> dict:
+    """One case in this process; its allocator settings came with the environment the parent gave it."""
     import fedpt  # noqa: F401  (before torch: sets MKL_CBWR)
     import flwr  # noqa: F401  (a ClientApp's imports)
     import peft  # noqa: F401
@@ -122,7 +123,8 @@ def main() -> None:
     parser.add_argument("--case", help=argparse.SUPPRESS)  # the child process's case
     args = parser.parse_args()
     if args.case:
-        print(json.dumps(run_case(*CASES[args.case])))
+        kind, block, _ = CASES[args.case]
+        print(json.dumps(run_case(kind, block)))
         return
 
     from fedpt.cpu import cpu_summary

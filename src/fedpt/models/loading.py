@@ -153,8 +153,14 @@ def load_gguf(path: Path, dtype: str) -> tuple[Any, Any]:
 
 
 def load_model(spec: str, dtype: str) -> Any:
-    """A fresh copy of the causal LM in ``dtype``, in eval mode."""
+    """A fresh copy of the causal LM in ``dtype``, in eval mode.
+
+    Packed training rows attend row by row (``fedpt.models.attention``); everything else is
+    transformers' ``sdpa`` as it comes.
+    """
     from transformers import AutoModelForCausalLM
+
+    from fedpt.models.attention import use_packed_rows_attention
 
     resolved = resolve_spec(spec)
     try:
@@ -164,7 +170,7 @@ def load_model(spec: str, dtype: str) -> Any:
             model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=torch_dtype(dtype))
     except (OSError, ValueError) as err:
         raise FedPTError(f"cannot load model '{spec}': {_first_line(err)}") from None
-    return model.eval()
+    return use_packed_rows_attention(model).eval()
 
 
 def stored_dtype(spec: str) -> str | None:

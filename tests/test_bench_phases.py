@@ -21,8 +21,10 @@ def test_each_phase_is_divided_by_its_own_bound():
                           "evaluation: large": {"seconds": 2.0, "calls": 1, **narrow},
                           "evaluation: proxy": {"seconds": 6.0, "calls": 2, **wide},
                           "kd student steps": {"seconds": 4.0, "calls": 3, "steps": 3, "tokens": 900},
-                          "ray start-up": {"seconds": 5.0, "calls": 1}},
-               "devices": {"device_rounds": 4, "device_seconds": 80.0, "tokens": 5000}}
+                          "ray start-up": {"seconds": 5.0, "calls": 1},
+                          "device rounds (wait)": {"seconds": 50.0, "calls": 2, "rounds": 2}},
+               "devices": {"device_rounds": 4, "device_seconds": 80.0, "tokens": 5000, "prepare_seconds": 6.0,
+                           "busiest_seconds": 47.5, "processes": 2}}
     rows = {row["phase"]: row for row in phase_table(cfg, profile, BANDWIDTH, GEMM, GEMM_ONE)}
     # decoding: each step reads every weight once (4 bytes in float32) and computes 2 FLOPs per
     # parameter per row; the prefill is 2 FLOPs per parameter per prompt token. The torch proxy
@@ -39,3 +41,6 @@ def test_each_phase_is_divided_by_its_own_bound():
     devices = rows["device steps (devices' own clocks, summed)"]
     assert devices["ratio"] == pytest.approx(6 * n_small * 5000 / GEMM_ONE / 80.0)
     assert rows["ray start-up"]["kind"] == "overhead" and rows["ray start-up"]["ratio"] is None
+    # the wait: the busiest device process (47.5 s) against the mean ((80 + 6) / 2) and the wall (50)
+    assert rows["device rounds (wait)"]["work"] == ("2 rounds; busiest of 2 device processes 47.5 s, mean 43.0 s "
+                                                    "(set-up 6.0 s summed over devices); 2.5 s outside the busiest")

@@ -44,6 +44,22 @@ def test_fedavg_weights_adapters_by_examples():
     assert strategy.record.clients == 2 and strategy.record.bytes_up == 2 * replies[0].content["arrays"].count_bytes()
 
 
+def test_the_round_records_the_busiest_device_process():
+    """Devices that ran in one process add up (set-up and training); the round waits for the busiest."""
+    strategy = _strategy()
+    _broadcast(strategy)
+    replies = [_reply(1.0, 10, 2.0), _reply(2.0, 20, 2.0), _reply(3.0, 30, 2.0)]
+    for reply, (process, prepare, train) in zip(replies, [(7, 2.0, 5.0), (7, 0.5, 4.0), (9, 3.0, 6.0)]):
+        reply.content["metrics"].update({"device_process": process, "prepare_seconds": prepare,
+                                         "train_seconds": train})
+    strategy.aggregate_train(1, replies)
+    record = strategy.record
+    assert record.device_busiest_seconds == pytest.approx(2.0 + 5.0 + 0.5 + 4.0)  # process 7, not 9's 9.0
+    assert record.device_processes == 2
+    assert record.device_prepare_seconds == pytest.approx((2.0 + 0.5 + 3.0) / 3)
+    assert record.device_train_seconds == pytest.approx(5.0)
+
+
 def test_round_with_no_updates_fails_with_the_reason():
     with pytest.raises(FedPTError, match=r"round 1: 0 valid update\(s\), 1 needed \(no replies\)"):
         _strategy().aggregate_train(1, [])

@@ -124,8 +124,8 @@ def phase_table(cfg: FedPTConfig, profile: dict[str, Any], bandwidth: float, gem
         elif name.startswith("kd pool KL"):
             row.update(kind="forward", bound_seconds=2 * small_params * values["tokens"] / gemm,
                        work=f"{int(values['passes'])} passes, {int(values['tokens'])} tokens")
-        elif not name.startswith("evaluation"):
-            row["work"] = {"device rounds (wait)": f"{int(values.get('rounds', 0))} rounds"}.get(name, "")
+        elif name == "device rounds (wait)":
+            row["work"] = device_wait_work(values, profile.get("devices") or {})
         rows.append(row)
     devices = profile.get("devices") or {}
     if devices.get("device_seconds"):
@@ -136,6 +136,20 @@ def phase_table(cfg: FedPTConfig, profile: dict[str, Any], bandwidth: float, gem
     for row in rows:
         row["ratio"] = row["bound_seconds"] / row["seconds"] if row["bound_seconds"] and row["seconds"] else None
     return rows
+
+
+def device_wait_work(wait: dict[str, Any], devices: dict[str, Any]) -> str:
+    """What the server's wait for the devices was made of: the busiest device process's own seconds
+    (set-up included) are the least it could be; the rest is outside every device's clock
+    (message passing, process start-up, a process idle while another finishes)."""
+    work = f"{int(wait.get('rounds', 0))} rounds"
+    if devices.get("busiest_seconds") is None:
+        return work  # a run made before devices reported their set-up time and process
+    outside = wait["seconds"] - devices["busiest_seconds"]
+    mean = (devices["device_seconds"] + devices["prepare_seconds"]) / devices["processes"]
+    return (f"{work}; busiest of {devices['processes']} device processes {devices['busiest_seconds']:.1f} s, "
+            f"mean {mean:.1f} s (set-up {devices['prepare_seconds']:.1f} s summed over devices); "
+            f"{outside:.1f} s outside the busiest")
 
 
 def measure(cfg: FedPTConfig, run_dir: Path, threads: int) -> dict[str, Any]:

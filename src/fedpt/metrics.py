@@ -39,6 +39,11 @@ class RoundRecord:
     bytes_up_per_device: int = 0
     device_train_seconds: float | None = None  # mean per device
     device_train_tokens: float | None = None  # mean per device (FLOPs estimate: 6 * params * tokens)
+    device_prepare_seconds: float | None = None  # mean per device: data and model set-up before training
+    # The longest one device process was busy (set-up + training of the devices it ran) this round:
+    # with processes running side by side, the least the server can wait for them.
+    device_busiest_seconds: float | None = None
+    device_processes: int | None = None  # distinct device processes that trained this round
     device_peak_memory_bytes: int | None = None  # max over devices of the device process's peak RSS
     dp_epsilon: float | None = None  # central DP: privacy spent so far (RDP accountant) ...
     dp_delta: float | None = None  # ... at this delta

@@ -234,9 +234,13 @@ def device_work(cfg: FedPTConfig, records: list[RoundRecord]) -> dict:
 
     trained = {group[0] for group in training_groups(cfg.run.systems)}
     rows = [r for r in records if r.system in trained and r.round > 0 and r.device_train_seconds is not None]
+    timed = [r for r in rows if r.device_busiest_seconds is not None]  # records from before these were kept lack them
     return {"device_rounds": sum(r.clients for r in rows),
             "device_seconds": sum(r.device_train_seconds * r.clients for r in rows),
-            "tokens": sum((r.device_train_tokens or 0) * r.clients for r in rows)}
+            "tokens": sum((r.device_train_tokens or 0) * r.clients for r in rows),
+            "prepare_seconds": sum(r.device_prepare_seconds * r.clients for r in timed) if timed else None,
+            "busiest_seconds": sum(r.device_busiest_seconds for r in timed) if timed else None,
+            "processes": max((r.device_processes for r in timed), default=None)}
 
 
 def write_partition_report(out_dir: Path, histogram: dict[str, list[int]]) -> None:

@@ -10,8 +10,11 @@ on that file; otherwise (simulation) it takes partition ``partition-id`` of
 
 from __future__ import annotations
 
+import os
 import resource
+import socket
 import time
+import zlib
 from functools import lru_cache
 from typing import Any
 
@@ -29,6 +32,7 @@ from fedpt.train import local_tune
 def tune_on_device(cfg_json: str, system: str, server_round: int, adapter: dict[str, Any],
                    context: Context) -> tuple[dict[str, Any], dict[str, int | float]]:
     """LoRA-tune ``adapter`` on this device's data; returns the new adapter and the metrics to send."""
+    called = time.perf_counter()
     cfg = FedPTConfig.from_json(cfg_json)
     spec = SYSTEM_SPECS[system]
     examples, partition_id = device_examples(cfg, context)
@@ -45,11 +49,20 @@ def tune_on_device(cfg_json: str, system: str, server_round: int, adapter: dict[
         "train_last_loss": result.last_loss,
         "train_tokens": result.tokens,
         "train_seconds": time.perf_counter() - start,
+        # Data and model set-up before training (the model loads in a process's first round only),
+        # and which process trained: the server tells the devices' critical path from these.
+        "prepare_seconds": start - called,
+        "device_process": process_identity(),
         # Peak resident memory of this device process so far (model + training), for cost tables.
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         PARTITION_KEY: partition_id,  # which device this was, for the round's record
     }
     return get_adapter_state(model), metrics
+
+
+def process_identity() -> int:
+    """This process, as a number unique across machines (metric values are numbers): host and pid."""
+    return zlib.crc32(socket.gethostname().encode()) << 22 | os.getpid()  # Linux pids < 2**22
 
 
 def device_examples(cfg: FedPTConfig, context: Context) -> tuple[list[Example], int]:

@@ -238,6 +238,13 @@ class FedPTStrategy(FedAvg):
         record.bytes_up, record.bytes_up_per_device = sum(upload_bytes), max(upload_bytes)
         record.device_train_seconds = sum(float(d["train_seconds"]) for d in device_metrics) / n
         record.device_train_tokens = sum(float(d["train_tokens"]) for d in device_metrics) / n
+        if all("prepare_seconds" in d and "device_process" in d for d in device_metrics):  # older devices lack them
+            record.device_prepare_seconds = sum(float(d["prepare_seconds"]) for d in device_metrics) / n
+            busy: dict[int, float] = {}  # device process -> seconds
+            for d in device_metrics:
+                process = int(d["device_process"])
+                busy[process] = busy.get(process, 0.0) + float(d["prepare_seconds"]) + float(d["train_seconds"])
+            record.device_busiest_seconds, record.device_processes = max(busy.values()), len(busy)
         record.device_peak_memory_bytes = max(int(d.get("peak_rss_bytes", 0)) for d in device_metrics)
 
     def after_aggregation(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:

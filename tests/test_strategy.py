@@ -58,6 +58,7 @@ def test_the_round_records_the_busiest_device_process():
     assert record.device_processes == 2
     assert record.device_prepare_seconds == pytest.approx((2.0 + 0.5 + 3.0) / 3)
     assert record.device_train_seconds == pytest.approx(5.0)
+    assert sorted(record.device_seconds) == pytest.approx([4.5, 7.0, 9.0])  # each device, set-up included
 
 
 def test_round_with_no_updates_fails_with_the_reason():

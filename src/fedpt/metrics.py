@@ -44,6 +44,7 @@ class RoundRecord:
     # with processes running side by side, the least the server can wait for them.
     device_busiest_seconds: float | None = None
     device_processes: int | None = None  # distinct device processes that trained this round
+    device_seconds: list[float] = field(default_factory=list)  # each device's set-up + training, as ``partitions``
     device_peak_memory_bytes: int | None = None  # max over devices of the device process's peak RSS
     dp_epsilon: float | None = None  # central DP: privacy spent so far (RDP accountant) ...
     dp_delta: float | None = None  # ... at this delta

@@ -218,8 +218,10 @@ class FedPTStrategy(FedAvg):
             record.dp_epsilon, record.dp_delta = self.local_dp.spent(server_round)
         record.train_loss = float(metrics["train_loss"]) if metrics is not None else None
         self.record_devices([m.content[METRICS_KEY] for m in ok], [m.content[ARRAYS_KEY].count_bytes() for m in ok])
-        trained = sorted((m.metadata.src_node_id, int(m.content[METRICS_KEY].get(PARTITION_KEY, -1))) for m in ok)
-        record.nodes, record.partitions = [n for n, _ in trained], [p for _, p in trained]
+        trained = sorted((m.metadata.src_node_id, int(m.content[METRICS_KEY].get(PARTITION_KEY, -1)),
+                          _device_seconds(m.content[METRICS_KEY])) for m in ok)
+        record.nodes, record.partitions = [n for n, _, _ in trained], [p for _, p, _ in trained]
+        record.device_seconds = [s for _, _, s in trained]
         return self.after_aggregation(server_round, arrays), metrics
 
     def record_outcome(self, server_round: int, accepted: int, problems: list[str],
@@ -243,7 +245,7 @@ class FedPTStrategy(FedAvg):
             busy: dict[int, float] = {}  # device process -> seconds
             for d in device_metrics:
                 process = int(d["device_process"])
-                busy[process] = busy.get(process, 0.0) + float(d["prepare_seconds"]) + float(d["train_seconds"])
+                busy[process] = busy.get(process, 0.0) + _device_seconds(d)
             record.device_busiest_seconds, record.device_processes = max(busy.values()), len(busy)
         record.device_peak_memory_bytes = max(int(d.get("peak_rss_bytes", 0)) for d in device_metrics)
 
@@ -466,6 +468,11 @@ def _timer_kill(point: str, server_round: int) -> threading.Timer | None:
     timer = threading.Timer(0.3, kill_point, args=(point, server_round))
     timer.daemon = True
     return timer
+
+
+def _device_seconds(metrics: Any) -> float:
+    """A device's set-up and training seconds (training alone from devices that do not report set-up)."""
+    return float(metrics.get("prepare_seconds", 0.0)) + float(metrics["train_seconds"])
 
 
 def _error_reason(message: Message) -> str | None:

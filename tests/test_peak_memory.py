@@ -12,8 +12,10 @@ from fedpt.metrics import PeakMemory, process_role
 class Proc:
     """What ``PeakMemory.sample`` reads of a psutil.Process."""
 
-    def __init__(self, pid: int, cmdline: list[str], pss: int) -> None:
+    def __init__(self, pid: int, cmdline: list[str], pss: int, rss: int | None = None) -> None:
         self.pid, self._cmdline, self.pss = pid, cmdline, pss
+        self.rss = pss if rss is None else rss
+        self.pss_reads = 0
 
     def cmdline(self) -> list[str]:
         return self._cmdline
@@ -21,7 +23,11 @@ class Proc:
     def memory_full_info(self):
         if self.pss is None:
             raise psutil.NoSuchProcess(self.pid)  # exited between listing and reading
+        self.pss_reads += 1
         return SimpleNamespace(pss=self.pss)
+
+    def memory_info(self):
+        return SimpleNamespace(rss=self.rss)
 
 
 def test_process_roles():
@@ -59,3 +65,32 @@ def test_the_peak_keeps_its_makers_and_each_process_its_own_peak():
     assert "6.00 GiB PSS, server in phase `device rounds (wait)`" in table
     assert "| server | 4.00 | 4.00 |" in table and "| device actor (pid 2) | 2.00 | 2.00 |" in table
     assert memory_markdown(None) == [] and memory_markdown({"peak_bytes": 1}) == []
+
+
+def test_pss_is_read_at_new_highs_of_the_rss_sum_within_a_cpu_budget():
+    """A PSS read that cost 0.3 CPU s: repeated after 0.3 / 0.25 = 1.2 s when the RSS sum passes
+    its highest at a read, after 0.3 / 0.02 = 15 s otherwise."""
+    from fedpt.metrics import PSS_DUTY_AT_NEW_HIGHS, PSS_DUTY_OTHERWISE
+
+    assert (PSS_DUTY_AT_NEW_HIGHS, PSS_DUTY_OTHERWISE) == (0.25, 0.02)
+    gib = 2**30
+    assert PeakMemory().due(0, 0.0)  # the first tick reads
+    memory = PeakMemory()
+    memory._last_read, memory._read_cost, memory._rss_read_high = 100.0, 0.3, 5 * gib
+    assert not memory.due(5 * gib, 101.0) and not memory.due(5 * gib, 114.9)
+    assert memory.due(5 * gib, 115.0)
+    assert not memory.due(6 * gib, 101.1) and memory.due(6 * gib, 101.2)
+
+
+def test_each_tick_reads_rss_and_pss_only_when_due():
+    gib = 2**30
+    memory, server = PeakMemory(), Proc(1, ["fedpt", "run"], 2 * gib, rss=3 * gib)
+    assert memory.tick(server, [server], 0.0) and server.pss_reads == 1  # the first tick
+    memory._read_cost = 0.3  # as if that read had cost 0.3 CPU s
+    assert not memory.tick(server, [server], 1.0)  # RSS as before, 1 s later: not due
+    server.rss, server.pss = 4 * gib, 3 * gib  # a new high of the RSS sum, 2 s after the read
+    assert memory.tick(server, [server], 2.0) and server.pss_reads == 2 and memory.pss_reads == 2
+    assert memory.peak_bytes == 3 * gib
+    server.rss, memory._read_cost = 3 * gib, 0.3
+    assert not memory.tick(server, [server], 3.5)  # back under the high: the slow cadence
+    assert memory.tick(server, [server], 17.0)  # 15 s after the last read

@@ -1,6 +1,7 @@
 """Device faults injected into the Flower simulation runtime, what a device sends, central DP end to end."""
 
 import json
+import os
 import time
 
 import numpy as np
@@ -170,7 +171,9 @@ def test_a_device_sends_only_its_adapter_and_counts(tiny_cfg, fedpt_home):
     assert all(sent[k].shape == adapter[k].shape for k in sent)
     metrics = dict(content["metrics"])
     assert set(metrics) == {"num-examples", "train_loss", "train_last_loss", "train_tokens", "train_seconds",
-                            "peak_rss_bytes", "partition-id"}
+                            "prepare_seconds", "device_process", "peak_rss_bytes", "partition-id"}
+    # which process trained: a random number per process, the same for its next reply, no pid or host
+    assert metrics["device_process"] == app(msg, context).content["metrics"]["device_process"] != os.getpid()
     assert all(isinstance(v, (int, float)) and np.isfinite(v) for v in metrics.values())
     # The bytes on the wire are the adapter's (plus its name and an npy header per tensor): no data rides along.
     tensor_bytes = sum(t.numel() * t.element_size() for t in adapter.values())

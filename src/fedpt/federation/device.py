@@ -10,11 +10,9 @@ on that file; otherwise (simulation) it takes partition ``partition-id`` of
 
 from __future__ import annotations
 
-import os
+import random
 import resource
-import socket
 import time
-import zlib
 from functools import lru_cache
 from typing import Any
 
@@ -61,8 +59,12 @@ def tune_on_device(cfg_json: str, system: str, server_round: int, adapter: dict[
 
 
 def process_identity() -> int:
-    """This process, as a number unique across machines (metric values are numbers): host and pid."""
-    return zlib.crc32(socket.gethostname().encode()) << 22 | os.getpid()  # Linux pids < 2**22
+    """A random number drawn once per process: replies from one process share it, and it says
+    nothing of the machine (no host name or pid leaves the device)."""
+    return _PROCESS_TOKEN
+
+
+_PROCESS_TOKEN = random.SystemRandom().getrandbits(52)  # a float64 holds it exactly, should it become one
 
 
 def device_examples(cfg: FedPTConfig, context: Context) -> tuple[list[Example], int]:

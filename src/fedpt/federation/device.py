@@ -50,7 +50,7 @@ def tune_on_device(cfg_json: str, system: str, server_round: int, adapter: dict[
         # Data and model set-up before training (the model loads in a process's first round only),
         # and which process trained: the server tells the devices' critical path from these.
         "prepare_seconds": start - called,
-        "device_process": process_identity(),
+        "device_process": PROCESS_TOKEN,
         # Peak resident memory of this device process so far (model + training), for cost tables.
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         PARTITION_KEY: partition_id,  # which device this was, for the round's record
@@ -58,13 +58,10 @@ def tune_on_device(cfg_json: str, system: str, server_round: int, adapter: dict[
     return get_adapter_state(model), metrics
 
 
-def process_identity() -> int:
-    """A random number drawn once per process: replies from one process share it, and it says
-    nothing of the machine (no host name or pid leaves the device)."""
-    return _PROCESS_TOKEN
-
-
-_PROCESS_TOKEN = random.SystemRandom().getrandbits(52)  # a float64 holds it exactly, should it become one
+# Which process trained, as the device tells the server: a random number drawn once per process,
+# so replies from one process share it and it says nothing of the machine (no host name or pid
+# leaves the device). 52 bits: a float64 holds it exactly, should it become one.
+PROCESS_TOKEN = random.SystemRandom().getrandbits(52)
 
 
 def device_examples(cfg: FedPTConfig, context: Context) -> tuple[list[Example], int]:

@@ -22,13 +22,15 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
-def run_steps(batches: list[int]) -> dict:
-    """This process: the device model, a warm-up step, then one timed step per batch index."""
+def device_stepper() -> tuple[Any, Callable[[int], list], Callable[[list], float]]:
+    """This process's device model (warmed up), ``rows(b)`` (packed batch ``b``: 4 Dolly rows) and
+    ``step(rows)`` (forward + backward, returns the loss)."""
     import fedpt  # noqa: F401  (before torch: MKL and allocator settings)
-    import torch
 
     from fedpt.config import load_config
     from fedpt.data.prompts import encode_sft, format_prompt, pack
@@ -48,14 +50,24 @@ def run_steps(batches: list[int]) -> dict:
         return encode_sft(tokenizer, format_prompt(ex, cfg.data.template, tokenizer), ex.response,
                           cfg.data.max_prompt_tokens, cfg.data.max_seq_len)
 
-    def step(rows: list) -> None:
-        response_loss(model, pack(rows)).backward()
+    def step(rows: list) -> float:
+        loss = response_loss(model, pack(rows))
+        loss.backward()
         model.zero_grad(set_to_none=True)
+        return loss.item()
 
     step([encode(ex) for ex in examples[-2:]])  # warm-up: first-call costs out of the timings
+    return model, (lambda b: [encode(ex) for ex in examples[4 * b: 4 * b + 4]]), step
+
+
+def run_steps(batches: list[int]) -> dict:
+    """This process: the device model, a warm-up step, then one timed step per batch index."""
+    import torch
+
+    _, rows_of, step = device_stepper()
     steps = []
     for b in batches:
-        rows = [encode(ex) for ex in examples[4 * b: 4 * b + 4]]
+        rows = rows_of(b)
         started = time.perf_counter()
         step(rows)
         steps.append({"batch": b, "tokens": sum(len(ids) for ids, _ in rows),

@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from fedpt.cli import main
 from fedpt.faults import device_fault
@@ -171,7 +172,9 @@ def test_a_device_sends_only_its_adapter_and_counts(tiny_cfg, fedpt_home):
     assert all(sent[k].shape == adapter[k].shape for k in sent)
     metrics = dict(content["metrics"])
     assert set(metrics) == {"num-examples", "train_loss", "train_last_loss", "train_tokens", "train_seconds",
-                            "prepare_seconds", "device_process", "peak_rss_bytes", "partition-id"}
+                            "prepare_seconds", "device_process", "train_threads_max", "peak_rss_bytes",
+                            "partition-id"}
+    assert metrics["train_threads_max"] == torch.get_num_threads()  # no core share outside fedpt run's simulation
     # which process trained: a random number per process, the same for its next reply, no pid or host
     assert metrics["device_process"] == app(msg, context).content["metrics"]["device_process"] != os.getpid()
     assert all(isinstance(v, (int, float)) and np.isfinite(v) for v in metrics.values())

@@ -25,6 +25,7 @@ from .conftest import FAST
 PIECE = ["experiment", "--preset", "tiny", "--alphas", "0,1", *FAST]
 TIMINGS = {"seconds", "device_train_seconds", "distill_seconds", "eval_seconds", "device_peak_memory_bytes",
            "device_prepare_seconds", "device_busiest_seconds", "device_processes", "device_seconds",
+           "device_threads_max",
            "nodes", "partitions"}  # partitions: listed in node-id order, and node ids are random per simulation
 DEVICE_SIDE = {"round", "system", "train_loss", "clients", "failures", "problems", "bytes_down", "bytes_up",
                "bytes_down_per_device", "bytes_up_per_device", "device_train_tokens"}

@@ -185,6 +185,9 @@ class FederationConfig:
     clients_per_round: int = 3
     rounds: int = 2
     client_cpus: float = 1.0  # Ray CPUs per simulated device: 2 cores -> 2 devices at once
+    # Simulation: a device still training takes the cores of device processes that have finished
+    # their round (torch threads = cores // busy processes; fedpt.federation.core_share).
+    share_idle_cores: bool = True
     round_timeout: float = 3600.0  # seconds to wait for device replies; late ones are dropped
     min_results: int = 1  # a round with fewer valid updates fails (the last checkpoint stays valid)
     aggregation: str = "fedavg"  # fedavg | median | trimmed-mean | krum (Flower's robust strategies)

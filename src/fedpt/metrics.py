@@ -45,6 +45,9 @@ class RoundRecord:
     # with processes running side by side, the least the server can wait for them.
     device_busiest_seconds: float | None = None
     device_processes: int | None = None  # distinct device processes that trained this round
+    # The most torch threads a device trained on: above a process's own when it took the cores of
+    # siblings done with their round (fedpt.federation.core_share).
+    device_threads_max: int | None = None
     device_seconds: list[float] = field(default_factory=list)  # each device's set-up + training, as ``partitions``
     device_peak_memory_bytes: int | None = None  # max over devices of the device process's peak RSS
     dp_epsilon: float | None = None  # central DP: privacy spent so far (RDP accountant) ...

@@ -16,11 +16,13 @@ import time
 from functools import lru_cache
 from typing import Any
 
+import torch
 from flwr.app import Context
 
 from fedpt.config import FedPTConfig
 from fedpt.data.partition import partition_examples
 from fedpt.data.records import Example, load_examples
+from fedpt.federation.core_share import device_busy, governed_threads
 from fedpt.federation.records import NUM_EXAMPLES_KEY, PARTITION_KEY
 from fedpt.models.lora import attach_lora, get_adapter_state, set_adapter_state
 from fedpt.systems import SYSTEM_SPECS
@@ -33,14 +35,16 @@ def tune_on_device(cfg_json: str, system: str, server_round: int, adapter: dict[
     called = time.perf_counter()
     cfg = FedPTConfig.from_json(cfg_json)
     spec = SYSTEM_SPECS[system]
-    examples, partition_id = device_examples(cfg, context)
-    model_spec = cfg.model.small if spec.device_model == "small" else cfg.model.large
-    model, tokenizer = device_model(model_spec, cfg.model.dtype, cfg.lora.rank, cfg.lora.alpha,
-                                    cfg.lora.dropout, tuple(cfg.lora.targets))
-    set_adapter_state(model, adapter)
-    start = time.perf_counter()
-    result = local_tune(model, tokenizer, examples, cfg.data, cfg.train,
-                        seed=(cfg.run.seed * 1000 + server_round) * 1000 + partition_id)
+    with device_busy(cfg.federation.share_idle_cores) as share:  # busy from set-up on: loading uses a core
+        examples, partition_id = device_examples(cfg, context)
+        model_spec = cfg.model.small if spec.device_model == "small" else cfg.model.large
+        model, tokenizer = device_model(model_spec, cfg.model.dtype, cfg.lora.rank, cfg.lora.alpha,
+                                        cfg.lora.dropout, tuple(cfg.lora.targets))
+        set_adapter_state(model, adapter)
+        start = time.perf_counter()
+        with governed_threads(model, share) as governor:
+            result = local_tune(model, tokenizer, examples, cfg.data, cfg.train,
+                                seed=(cfg.run.seed * 1000 + server_round) * 1000 + partition_id)
     metrics = {
         NUM_EXAMPLES_KEY: result.num_examples,
         "train_loss": result.loss,
@@ -51,6 +55,8 @@ def tune_on_device(cfg_json: str, system: str, server_round: int, adapter: dict[
         # and which process trained: the server tells the devices' critical path from these.
         "prepare_seconds": start - called,
         "device_process": PROCESS_TOKEN,
+        # The most torch threads it trained on (more than its own when it took an idle sibling's cores).
+        "train_threads_max": max([torch.get_num_threads(), *(governor.changes if governor else [])]),
         # Peak resident memory of this device process so far (model + training), for cost tables.
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         PARTITION_KEY: partition_id,  # which device this was, for the round's record

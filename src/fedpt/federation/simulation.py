@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
+import tempfile
+from functools import lru_cache
 from pathlib import Path
 
 from fedpt import profile, stopping
 from fedpt.config import FedPTConfig
 from fedpt.errors import FedPTError
+from fedpt.federation.core_share import ENV, CoreShare
 from fedpt.metrics import RoundRecord
 from fedpt.progress import Progress
 
@@ -100,5 +105,15 @@ def _start_ray(init_args: dict) -> None:
         if os.environ.get("PYTHONPATH"):
             pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
         os.environ["PYTHONPATH"] = pythonpath
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+        env_vars = {"PYTHONPATH": pythonpath, ENV: _core_share(init_args["num_cpus"]).encode()}
+        ray.init(runtime_env={"env_vars": env_vars}, **init_args)
     stopping.install(keep_message=True)
+
+
+@lru_cache(maxsize=1)
+def _core_share(cores: int) -> CoreShare:
+    """The device processes' lock folder (``fedpt.federation.core_share``): one per server process,
+    as Ray starts once per process; removed when the process exits."""
+    folder = Path(tempfile.mkdtemp(prefix="fedpt-cores-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return CoreShare(folder, cores)

@@ -247,6 +247,8 @@ class FedPTStrategy(FedAvg):
                 process = int(d["device_process"])
                 busy[process] = busy.get(process, 0.0) + _device_seconds(d)
             record.device_busiest_seconds, record.device_processes = max(busy.values()), len(busy)
+        if all("train_threads_max" in d for d in device_metrics):
+            record.device_threads_max = max(int(d["train_threads_max"]) for d in device_metrics)
         record.device_peak_memory_bytes = max(int(d.get("peak_rss_bytes", 0)) for d in device_metrics)
 
     def after_aggregation(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:

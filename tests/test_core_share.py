@@ -77,7 +77,8 @@ def one_thread():
 def test_the_governor_gives_threads_back_at_once_and_takes_more_only_after_settling(one_thread):
     now = [0.0]
     share = _Share(offer=2)
-    governor = ThreadGovernor(share, check_seconds=0.25, settle_seconds=1.0, clock=lambda: now[0])
+    governor = ThreadGovernor(share, check_seconds=0.25, settle_seconds=1.0, clock=lambda: now[0],
+                              idle=lambda: now[0])  # one core idle all along
     governor()
     assert torch.get_num_threads() == 1 and share.asked == 1  # offered more: waits for it to settle
     now[0] = 0.1
@@ -104,6 +105,20 @@ def test_the_governor_gives_threads_back_at_once_and_takes_more_only_after_settl
     assert torch.get_num_threads() == 1 and governor.changes == [2, 1]  # given back at once
 
 
+def test_the_governor_takes_no_more_threads_while_the_cores_are_busy_with_other_work(one_thread):
+    now, idle = [0.0], [0.0]
+    governor = ThreadGovernor(_Share(offer=2), check_seconds=0.0, settle_seconds=1.0, clock=lambda: now[0],
+                              idle=lambda: idle[0])
+    for t in (0.0, 0.5, 1.0, 1.5, 2.0, 2.5):  # a quarter of a core idle: someone else's work
+        now[0], idle[0] = t, t / 4
+        governor()
+    assert torch.get_num_threads() == 1 and governor.changes == []
+    for t in (3.0, 3.5, 4.0):  # that work ended: a core idle since 2.5 s... but measured from 3.0
+        now[0], idle[0] = t, 2.5 / 4 + (t - 2.5)
+        governor()
+    assert torch.get_num_threads() == 2 and governor.changes == [2]
+
+
 def test_a_checkpointed_backward_rechecks_the_threads_in_its_recompute(fedpt_home, one_thread):
     """The threads in force inside the model's layers follow the share in the forward and in the
     backward's recompute, and the count from before comes back afterwards."""
@@ -117,7 +132,7 @@ def test_a_checkpointed_backward_rechecks_the_threads_in_its_recompute(fedpt_hom
         layer.mlp.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
     share = _Share(offer=2)
     ids = torch.randint(0, 100, (1, 12))
-    with governed_threads(model, share, check_seconds=0.0, settle_seconds=0.0) as governor:
+    with governed_threads(model, share, check_seconds=0.0, settle_seconds=0.0, idle=lambda: None) as governor:
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         forward, seen[:] = list(seen), []
         share.offer = 1  # a sibling starts while this one is in its backward

@@ -7,8 +7,9 @@ for 46 s of round 1 and 30 s of round 2 while the other core sat idle. Here each
 holds a lock file while it tunes (``busy``), and between decoder layers (forward and, under
 activation checkpointing, the backward's recompute) sets its torch threads to
 ``cores // busy processes`` (``ThreadGovernor``). It gives threads back at once when a sibling
-starts; it takes more only after the count stayed lower for ``settle_seconds``, so a sibling
-between two devices of a round does not make it oversubscribe the cores.
+starts; it takes more only after the count stayed lower for ``settle_seconds`` (a sibling between
+two devices of a round) and the machine's cores were that idle over that time (other work on a
+shared machine, or the test suite's other worker, is not ours to crowd out).
 
 Only ``fedpt run``'s simulation sets it up (``FEDPT_CORE_SHARE`` for its Ray workers); a device
 on its own machine (a SuperNode) uses the threads it was given. ``federation.share_idle_cores``
@@ -84,14 +85,27 @@ class CoreShare:
             os.close(fd)
 
 
+def idle_core_seconds() -> float | None:
+    """Seconds the machine's cores have been idle since boot, summed (``/proc/stat``); None elsewhere."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = stat.readline().split()  # "cpu user nice system idle iowait ..." in clock ticks
+    except OSError:
+        return None
+    return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")
+
+
 class ThreadGovernor:
     """A forward pre-hook: sets torch's threads from the share, at most every ``check_seconds``."""
 
     def __init__(self, share: CoreShare, check_seconds: float = 0.25, settle_seconds: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 idle: Callable[[], float | None] = idle_core_seconds) -> None:
         self.share, self.check_seconds, self.settle_seconds, self.clock = share, check_seconds, settle_seconds, clock
+        self.idle = idle
         self._checked = float("-inf")
         self._more_since: float | None = None  # when the share first offered more threads than we use
+        self._idle_since: float | None = None  # the machine's idle core-seconds then
         self.changes: list[int] = []  # thread counts set, in order (for the device's metrics)
 
     def __call__(self, *_: Any) -> None:
@@ -104,9 +118,15 @@ class ThreadGovernor:
         want, have = self.share.threads(), torch.get_num_threads()
         if want > have:
             if self._more_since is None:
-                self._more_since = now
+                self._more_since, self._idle_since = now, self.idle()
             if now - self._more_since < self.settle_seconds:
                 return
+            idle_now = self.idle()
+            if idle_now is not None and self._idle_since is not None and now > self._more_since:
+                idle_cores = (idle_now - self._idle_since) / (now - self._more_since)
+                if idle_cores < 0.75 * (want - have):  # the cores are busy with something else: look again
+                    self._more_since, self._idle_since = now, idle_now
+                    return
         self._more_since = None
         if want != have:
             torch.set_num_threads(want)

@@ -3,7 +3,7 @@
 ``fedpt run`` trains ``cores / federation.client_cpus`` devices at once, one torch thread each
 (Ray's actors). A round ends when its slowest device process does, and devices are uneven (their
 rows differ in length): in the default job on 2 cores, one process went on alone on one thread
-for 46 s of round 1 and 30 s of round 2 while the other core sat idle. Here each device process
+for the last 92 s of round 1 and 60 s of round 2 while the other core sat idle. Here each device process
 holds a lock file while it tunes (``busy``), and between decoder layers (forward and, under
 activation checkpointing, the backward's recompute) sets its torch threads to
 ``cores // busy processes`` (``ThreadGovernor``). It gives threads back at once when a sibling

@@ -34,13 +34,14 @@ def key_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(fedpt_home, key_file, request):
+def server(fedpt_home, key_file):
     """tiny-large in fp32, API key on, small limits so that 413s are cheap to provoke."""
     served = start_server(["--model", "tiny-large", "--dtype", "float32", "--api-key-file", str(key_file),
                            "--max-prompt-tokens", "200", "--max-new-tokens", "64", "--max-batch", "4",
                            "--max-body-bytes", "20000", "--max-logprobs", "20", "--max-sessions", "2"], fedpt_home)
-    request.addfinalizer(served.stop)
-    return served.url
+    yield served.url
+    served.stop()
+    assert not served.log.exists()  # the launcher's own temporary log goes with the server
 
 
 @pytest.fixture(scope="module")

@@ -27,10 +27,13 @@ class ServeProcess:
     process: subprocess.Popen
     url: str  # e.g. http://127.0.0.1:40123; the OpenAI API is under /v1
     log: Path  # the server's stderr
+    temporary_log: bool = False  # made by the launcher for this server alone: removed by ``stop``
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 30.0, keep_log: bool = False) -> None:
         """SIGTERM to the server's own process group, SIGKILL if it has not exited after ``timeout``."""
         stop_process_group(self.process, timeout)
+        if self.temporary_log and not keep_log:
+            self.log.unlink(missing_ok=True)
 
     def __enter__(self) -> "ServeProcess":
         return self
@@ -62,6 +65,7 @@ def launch(args: list[str], env: dict[str, str] | None = None, log: Path | None 
     """
     import httpx
 
+    temporary = log is None
     if log is None:
         handle, name = tempfile.mkstemp(prefix="fedpt-serve-", suffix=".log")
         os.close(handle)
@@ -71,7 +75,7 @@ def launch(args: list[str], env: dict[str, str] | None = None, log: Path | None 
         process = subprocess.Popen([sys.executable, "-m", "fedpt.cli", "serve", "--host", "127.0.0.1", "--port", "0",
                                     *args], stdout=subprocess.PIPE, stderr=err, text=True, env=env,
                                    start_new_session=True)
-    server = ServeProcess(process, "", log)
+    server = ServeProcess(process, "", log, temporary_log=temporary)
     deadline = time.monotonic() + timeout
     try:
         lines: queue.Queue[str] = queue.Queue()
@@ -95,7 +99,7 @@ def launch(args: list[str], env: dict[str, str] | None = None, log: Path | None 
                     raise FedPTError(f"fedpt serve at {server.url} did not answer in {timeout:.0f} s") from None
                 time.sleep(0.1)
     except BaseException:
-        server.stop()
+        server.stop(keep_log=True)  # the error may point at it
         raise
 
 
@@ -109,6 +113,7 @@ def launch_llama_cpp_server(gguf: Path, threads: int = 1, log: Path | None = Non
 
     import httpx
 
+    temporary = log is None
     if log is None:
         handle, name = tempfile.mkstemp(prefix="llama-cpp-server-", suffix=".log")
         os.close(handle)
@@ -118,7 +123,7 @@ def launch_llama_cpp_server(gguf: Path, threads: int = 1, log: Path | None = Non
             [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", "0",
              "--n_threads", str(threads), "--n_threads_batch", str(threads), "--verbose", "False", *(args or [])],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    server = ServeProcess(process, "", log)
+    server = ServeProcess(process, "", log, temporary_log=temporary)
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -136,7 +141,7 @@ def launch_llama_cpp_server(gguf: Path, threads: int = 1, log: Path | None = Non
                 raise FedPTError(f"llama_cpp.server did not answer in {timeout:.0f} s; see {log}")
             time.sleep(0.1)
     except BaseException:
-        server.stop()
+        server.stop(keep_log=True)  # the error may point at it
         raise
 
 

@@ -482,3 +482,12 @@ def test_fedavg_large_and_fedpt_evaluated_in_llamacpp(tmp_path, monkeypatch):
     rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     large = [r for r in rows if r["system"] == "fedavg-large" and r["round"] == 1]
     assert large and large[0]["rougeL_large"] is not None and large[0]["clients"] > 0
+    # `fedpt eval` judges the run's models in the run's engine: the run's own scores, none in torch.
+    assert main(["eval", "--run", str(out), "--name", "again", "--no-progress"]) == 0
+    assert not torch_scored, "fedpt eval decoded a model of a llama.cpp-evaluated run in torch"
+    again = json.loads((out / "evals" / "again" / "summary.json").read_text())
+    for system in ("fedpt", "fedavg-large"):
+        for stage in ("pretrained", "final"):
+            scored = summary["systems"][system][stage]["rougeL_sets"]  # (eval adds the pretrained pair everywhere)
+            assert {s: {m: again["systems"][system][stage]["rougeL_sets"][s][m] for m in models}
+                    for s, models in scored.items()} == scored, (system, stage)

@@ -160,13 +160,14 @@ def _evaluate_system(run_dir: Path, out_dir: Path, server, system: str, models: 
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from fedpt.models.logits import LocalLogitSource
     from fedpt.predictions import prediction_path, write_predictions
     from fedpt.progress import evaluate_sets
 
+    # Every model in the run's evaluation engine (``tuned_source``), as the run judged it: a run
+    # evaluated in llama.cpp is not re-judged in torch.
     def small_base():
         server.load_adapter("small", server.initial_adapter("small"))
-        return LocalLogitSource(server.small)
+        return server.tuned_source("small")
 
     spec = SYSTEM_SPECS[system]
     first_set = next(iter(server.eval_sets))
@@ -181,8 +182,8 @@ def _evaluate_system(run_dir: Path, out_dir: Path, server, system: str, models: 
         else:
             adapter = load_file(run_dir / system / "adapter" / "adapter_model.safetensors")
             set_peft_model_state_dict(server.model(spec.device_model), adapter)
-            source = {"small": lambda: LocalLogitSource(server.small), "proxy": server.proxy_tune,
-                      "large": lambda: LocalLogitSource(server.large)}[model]()
+            source = {"small": lambda: server.tuned_source("small"), "proxy": server.proxy_tune,
+                      "large": lambda: server.tuned_source("large")}[model]()
             results, record, role = evaluate_sets(server, source, f"{system} {model}", progress), final, model
         for set_name, result in results.items():
             record.rougeL_sets.setdefault(set_name, {})[role] = result.rouge_l

@@ -58,3 +58,16 @@ def local_fedpt_run(fedpt_home, tmp_path_factory):
     out = tmp_path_factory.mktemp("local-run")
     assert main(["run", "--preset", "tiny", "--no-progress", "--overwrite", "--out", str(out), *FEDPT_2_ROUNDS]) == 0
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test, the count from before restored after. Tiny models gain
+    nothing from threads (on a loaded 2-core box they cost 5x: 36 s vs 6 s in test_secagg), and
+    tests of thread changes need a known start."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

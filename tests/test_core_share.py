@@ -66,14 +66,6 @@ def test_threads_are_the_cores_over_the_busy_processes(tmp_path, monkeypatch):
     assert [CoreShare(tmp_path, 4).threads() for _ in range(5)] == [4, 2, 1, 1, 1]
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_the_governor_gives_threads_back_at_once_and_takes_more_only_after_settling(one_thread):
     now = [0.0]
     share = _Share(offer=2)

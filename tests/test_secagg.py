@@ -248,15 +248,6 @@ def test_incompatible_settings_are_refused():
             _config(**{"federation.secure_aggregation": "true", **overrides})
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models gain nothing from threads; on a loaded 2-core box they cost 5x (36 s vs 6 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _e2e_config():
     return _config(**{"federation.rounds": 1, "run.systems": "['fedpt']", "federation.secure_aggregation": "true"})
 

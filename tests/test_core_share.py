@@ -1,12 +1,14 @@
 """Simulated devices share the machine's cores (``fedpt.federation.core_share``)."""
 
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from fedpt.federation.core_share import ENV, CoreShare, ThreadGovernor, device_busy, governed_threads
+from fedpt.federation.core_share import (ENV, CoreShare, ThreadGovernor, device_busy, governed_threads,
+                                         remove_stale_folders)
 
 HOLDER = """
 import sys
@@ -152,3 +154,14 @@ def test_device_busy_needs_the_simulations_share_and_can_be_turned_off(tmp_path,
     with device_busy(True) as share:
         assert share == CoreShare(tmp_path, 2) and share.busy_processes() == 1
     assert share.busy_processes() == 0 and not list(tmp_path.iterdir())
+
+
+def test_stale_share_folders_of_dead_servers_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = tmp_path / f"fedpt-cores-{int(dead.stdout)}-abc"
+    alive = tmp_path / f"fedpt-cores-{os.getpid()}-def"
+    older = tmp_path / "fedpt-cores-x1y2z3"  # a name without a pid: not ours to judge
+    for folder in (gone, alive, older):
+        folder.mkdir()
+    remove_stale_folders(tmp_path)
+    assert not gone.exists() and alive.exists() and older.exists()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -83,6 +84,21 @@ class CoreShare:
         finally:
             path.unlink(missing_ok=True)
             os.close(fd)
+
+
+def remove_stale_folders(parent: Path) -> None:
+    """Remove share folders (``fedpt-cores-<pid>-*``) of servers that died without their exit hooks
+    (SIGKILL): their pid is gone. A reused pid only leaves a folder behind."""
+    for folder in parent.glob("fedpt-cores-*-*"):
+        pid = folder.name.split("-")[2]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:  # alive, someone else's
+            pass
 
 
 def idle_core_seconds() -> float | None:

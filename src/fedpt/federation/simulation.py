@@ -13,7 +13,7 @@ from pathlib import Path
 from fedpt import profile, stopping
 from fedpt.config import FedPTConfig
 from fedpt.errors import FedPTError
-from fedpt.federation.core_share import ENV, CoreShare
+from fedpt.federation.core_share import ENV, CoreShare, remove_stale_folders
 from fedpt.metrics import RoundRecord
 from fedpt.progress import Progress
 
@@ -114,6 +114,7 @@ def _start_ray(init_args: dict) -> None:
 def _core_share(cores: int) -> CoreShare:
     """The device processes' lock folder (``fedpt.federation.core_share``): one per server process,
     as Ray starts once per process; removed when the process exits."""
-    folder = Path(tempfile.mkdtemp(prefix="fedpt-cores-"))
+    remove_stale_folders(Path(tempfile.gettempdir()))
+    folder = Path(tempfile.mkdtemp(prefix=f"fedpt-cores-{os.getpid()}-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return CoreShare(folder, cores)

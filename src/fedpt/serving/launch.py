@@ -65,11 +65,7 @@ def launch(args: list[str], env: dict[str, str] | None = None, log: Path | None 
     """
     import httpx
 
-    temporary = log is None
-    if log is None:
-        handle, name = tempfile.mkstemp(prefix="fedpt-serve-", suffix=".log")
-        os.close(handle)
-        log = Path(name)
+    log, temporary = _log_file(log, "fedpt-serve-")
     env = (os.environ if env is None else env) | {"PYTHONUNBUFFERED": "1"}
     with log.open("w") as err:
         process = subprocess.Popen([sys.executable, "-m", "fedpt.cli", "serve", "--host", "127.0.0.1", "--port", "0",
@@ -113,11 +109,7 @@ def launch_llama_cpp_server(gguf: Path, threads: int = 1, log: Path | None = Non
 
     import httpx
 
-    temporary = log is None
-    if log is None:
-        handle, name = tempfile.mkstemp(prefix="llama-cpp-server-", suffix=".log")
-        os.close(handle)
-        log = Path(name)
+    log, temporary = _log_file(log, "llama-cpp-server-")
     with log.open("w") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", "0",
@@ -143,6 +135,15 @@ def launch_llama_cpp_server(gguf: Path, threads: int = 1, log: Path | None = Non
     except BaseException:
         server.stop(keep_log=True)  # the error may point at it
         raise
+
+
+def _log_file(log: Path | None, prefix: str) -> tuple[Path, bool]:
+    """``log``, or a temporary file the server's ``stop`` removes (the bool says which)."""
+    if log is not None:
+        return log, False
+    handle, name = tempfile.mkstemp(prefix=prefix, suffix=".log")
+    os.close(handle)
+    return Path(name), True
 
 
 def _tail(log: Path, lines: int = 5) -> str:

@@ -25,6 +25,7 @@ def test_bench_on_the_tiny_pair_writes_every_ratio(tmp_path, capsys):
         assert all(rate > 0 for rate in row["tok_s"].values())
         assert 0 < row["P1_proxy_over_large"] < float("inf") and 0 < row["P2_proxy_over_three_model_loop"]
         assert row["same_tokens_product_vs_loop"]  # fp32: one doubled batch decodes what three models do
+        assert row["same_tokens_overlapped_vs_in_turn"]
     # The large LM's prefill does at least 2 FLOPs per weight of its decoder layers per prompt token.
     from fedpt.models.loading import load_model
 

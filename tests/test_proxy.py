@@ -202,3 +202,117 @@ def test_rows_that_stop_are_retired_through_the_proxy_to_every_source():
     assert decode(proxy, ids, mask, eos_ids=[2], pad_id=0, cfg=Decoding(max_new_tokens=10)) == [[5, 5, 5], [6]]
     for source in (large, tuned, base):
         assert source.retired == [(2, [False, True]), (4, [True, True])]
+
+
+class Rendezvous(FixedLogits):
+    """A step that records its thread; with ``wait_for``, it returns only once that event is set
+    (the other part of the proxy step must run meanwhile), else raises."""
+
+    def __init__(self, logits, arrive=None, wait_for=None, fail=False):
+        super().__init__(logits)
+        self.arrive, self.wait_for, self.fail, self.threads = arrive, wait_for, fail, []
+
+    def step(self, tokens):
+        import threading
+
+        self.threads.append(threading.current_thread().name)
+        if self.arrive is not None:
+            self.arrive.set()
+        if self.wait_for is not None and not self.wait_for.wait(timeout=20):
+            raise TimeoutError("the other part of the proxy step never ran beside this one")
+        if self.fail:
+            raise RuntimeError("large LM failed")
+        return self.logits
+
+
+def test_overlapped_step_runs_the_small_diff_beside_the_large_and_gives_the_same_logits():
+    import threading
+
+    z_large, z_tuned, z_base = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[0.5, 0.0, 4.0]]), torch.zeros(1, 3)
+    diff_ran = threading.Event()
+    large = Rendezvous(z_large, wait_for=diff_ran)  # returns only after the diff's step started
+    tuned = Rendezvous(z_tuned, arrive=diff_ran)
+    proxy = ProxyTunedLM(large, TwoSourceDiff(tuned, FixedLogits(z_base)), alpha=1.5, overlap=True)
+    logits = proxy.step(torch.tensor([0]))
+    assert torch.equal(logits, z_large + 1.5 * (z_tuned - z_base))
+    assert large.threads == [threading.current_thread().name] and tuned.threads[0].startswith("fedpt-proxy-diff")
+    proxy.close()
+
+
+def test_overlapped_step_waits_for_the_small_diff_when_the_large_fails():
+    import threading
+
+    import pytest
+
+    diff_done = threading.Event()
+
+    class SlowDiff(FixedLogits):
+        def step(self, tokens):
+            diff_started.set()
+            import time
+
+            time.sleep(0.2)
+            diff_done.set()
+            return self.logits
+
+    diff_started = threading.Event()
+    large = Rendezvous(torch.zeros(1, 3), wait_for=diff_started, fail=True)
+    proxy = ProxyTunedLM(large, TwoSourceDiff(SlowDiff(torch.ones(1, 3)), FixedLogits(torch.zeros(1, 3))), 1.0,
+                         overlap=True)
+    with pytest.raises(RuntimeError, match="large LM failed"):
+        proxy.step(torch.tensor([0]))
+    assert diff_done.is_set()  # the small model was not left running behind the error
+    proxy.close()
+
+
+def test_step_overlap_trial_alternates_then_keeps_the_faster_mode_per_batch_size():
+    from fedpt.proxy import StepOverlapTrial
+
+    trial = StepOverlapTrial(trials=2)
+    modes = []
+    timings = {False: iter([1.0, 1.2]), True: iter([0.7, 0.6])}  # overlap clearly faster at batch 1
+    for _ in range(4):
+        mode = trial.mode(1)
+        modes.append(mode)
+        trial.record(1, mode, next(timings[mode]))
+    assert modes == [False, True, False, True]
+    assert trial.mode(1) is True and trial.chosen == {1: True}
+    trial.record(1, True, 99.0)  # decided: later steps do not reopen it
+    assert trial.mode(1) is True
+    # at batch 8 overlap is only 2% faster: not worth a second thread team
+    timings = {False: iter([1.0, 1.0]), True: iter([0.98, 0.99])}
+    for _ in range(4):
+        mode = trial.mode(8)
+        trial.record(8, mode, next(timings[mode]))
+    assert trial.mode(8) is False and trial.mode(1) is True
+
+
+def test_auto_overlap_decides_by_timing_and_never_runs_beside_llamacpp(tiny_pair, tiny_cfg):
+    import threading
+
+    tokenizer, small, large = tiny_pair
+    peft = attach_lora(copy.deepcopy(small), tiny_cfg.lora, seed=0)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    cfg = Decoding(max_new_tokens=8)
+    sequential = generate_ids(ProxyTunedLM(LocalLogitSource(large), MixedAdapterDiff(peft), 1.0, overlap=False),
+                              tokenizer, PROMPTS, cfg, 1, 64)
+    overlapped = generate_ids(ProxyTunedLM(LocalLogitSource(large), MixedAdapterDiff(peft), 1.0, overlap=True),
+                              tokenizer, PROMPTS, cfg, 1, 64)
+    auto = ProxyTunedLM(LocalLogitSource(large), MixedAdapterDiff(peft), 1.0)
+    assert overlapped == sequential == generate_ids(auto, tokenizer, PROMPTS, cfg, 1, 64)
+    assert auto.trial is not None and 1 in auto.trial.chosen  # 2 prompts x 7 steps at batch 1: decided
+
+    class SpinningPool(FixedLogits):  # as llama.cpp's sources say of themselves
+        holds_cores = True
+
+    tuned = Rendezvous(torch.ones(1, 3))
+    for proxy in (ProxyTunedLM(SpinningPool(torch.zeros(1, 3)), TwoSourceDiff(tuned, FixedLogits(torch.zeros(1, 3))), 1.0),
+                  ProxyTunedLM(FixedLogits(torch.zeros(1, 3)),
+                               TwoSourceDiff(tuned, SpinningPool(torch.zeros(1, 3))), 1.0, overlap=True)):
+        for _ in range(6):
+            proxy.step(torch.tensor([0]))
+        assert proxy.overlap is False and proxy.trial is None
+    assert set(tuned.threads) == {threading.current_thread().name}

@@ -185,12 +185,20 @@ def bench_dtype(cfg: Any, bench: BenchConfig, dtype: str, log: Callable[[str], N
     examples = load_examples(cfg.data.source, cfg.data.fields)
     prompts = [format_prompt(ex, cfg.data.template, tokenizer) for ex in examples[: max(bench.batches)]]
 
+    made: dict[str, ProxyTunedLM] = {}
+
+    def product() -> ProxyTunedLM:  # kept, to read which step mode its trial chose
+        made["product"] = ProxyTunedLM(LocalLogitSource(large), MixedAdapterDiff(small), cfg.proxy.alpha)
+        return made["product"]
+
     sources = {
         "large alone": lambda: LocalLogitSource(large),
-        "proxy (product)": lambda: ProxyTunedLM(LocalLogitSource(large), MixedAdapterDiff(small), cfg.proxy.alpha),
+        "proxy (product)": product,
+        "proxy (product, parts in turn)": lambda: ProxyTunedLM(LocalLogitSource(large), MixedAdapterDiff(small),
+                                                               cfg.proxy.alpha, overlap=False),
         "proxy (three-model loop)": lambda: ProxyTunedLM(
             LocalLogitSource(large), TwoSourceDiff(LocalLogitSource(small), LocalLogitSource(small, use_adapter=False)),
-            cfg.proxy.alpha),
+            cfg.proxy.alpha, overlap=False),
     }
     engine = llamacpp_engine(cfg.model.large) if bench.llamacpp else None
     if engine is not None:
@@ -222,6 +230,9 @@ def bench_dtype(cfg: Any, bench: BenchConfig, dtype: str, log: Callable[[str], N
         rate = {name: batch * (bench.new_tokens - 1) / s for name, s in seconds.items()}
         row = {"batch": batch, "tok_s": rate,
                "P1_proxy_over_large": rate["proxy (product)"] / rate["large alone"],
+               "P1_parts_in_turn": rate["proxy (product, parts in turn)"] / rate["large alone"],
+               "steps_overlapped": made["product"].trial.chosen.get(batch),
+               "same_tokens_overlapped_vs_in_turn": tokens["proxy (product)"] == tokens["proxy (product, parts in turn)"],
                "P2_proxy_over_three_model_loop": rate["proxy (product)"] / rate["proxy (three-model loop)"],
                "same_tokens_product_vs_loop": tokens["proxy (product)"] == tokens["proxy (three-model loop)"]}
         if engine is not None:
@@ -377,13 +388,17 @@ def costs_markdown(report: dict[str, Any]) -> list[str]:
 def decoding_markdown(report: dict[str, Any]) -> list[str]:
     """P1, P2, P3 and, with llama.cpp, P9."""
     lines = ["", "| dtype | batch | large alone tok/s | proxy (product) tok/s | three-model loop tok/s | "
-             "**P1** proxy ÷ large | **P2** proxy ÷ loop |", "|---|---|---|---|---|---|---|"]
+             "**P1** proxy ÷ large | **P2** proxy ÷ loop | steps overlapped | P1 with the parts in turn |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for res in report["results"]:
         for row in res["decoding"]:
             rate = row["tok_s"]
+            overlapped = {True: "yes", False: "no"}.get(row.get("steps_overlapped"), "undecided")
+            in_turn = row.get("P1_parts_in_turn")
             lines.append(f"| {res['dtype']} | {row['batch']} | {rate['large alone']:.2f} | {rate['proxy (product)']:.2f} | "
                          f"{rate['proxy (three-model loop)']:.2f} | **{row['P1_proxy_over_large']:.3f}** | "
-                         f"**{row['P2_proxy_over_three_model_loop']:.3f}** |")
+                         f"**{row['P2_proxy_over_three_model_loop']:.3f}** | {overlapped} | "
+                         f"{'' if in_turn is None else f'{in_turn:.3f}'} |")
     engine_rows = [(res["dtype"], row) for res in report["results"] for row in res["decoding"]
                    if "large alone (llamacpp)" in row["tok_s"]]
     if engine_rows:

@@ -225,6 +225,7 @@ class LlamaCppLogitSource(_ClosedWhenCollected):
     """``LogitSource`` over one llama.cpp context: ``prefill``/``step`` decode, ``score`` scores."""
 
     CHUNK = 512  # tokens per llama_decode call (n_batch): bounds the compute buffer
+    holds_cores = True  # its thread pool spins on every core between steps: compute nothing beside it
     SHARED_MIN = 16  # tokens a shared branch must save (rows - 1) x length to be worth its copies
 
     def __init__(self, model: LlamaCppModel, adapter: LlamaCppAdapter | None = None) -> None:

@@ -37,7 +37,9 @@ def tiny_large_gguf(fedpt_home) -> Path:
 def engine(tiny_large_gguf):
     from fedpt.models.llamacpp import LlamaCppModel
 
-    return LlamaCppModel(tiny_large_gguf, threads=1)
+    model = LlamaCppModel(tiny_large_gguf, threads=1)
+    model.prompt_states = None  # the tests here count what each prefill computes: none may reuse another's
+    return model
 
 
 def padded_batch(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,6 +141,72 @@ def test_rows_sharing_a_prefix_compute_it_once_and_decode_as_if_alone(tiny_pair,
     # and against torch, row by row
     torch.testing.assert_close(engine.source().prefill(ids, mask), LocalLogitSource(tiny_pair[2]).prefill(ids, mask),
                                atol=ATOL, rtol=0)
+
+
+def test_prompt_states_give_a_seen_prompt_its_stream_back_instead_of_computing_it(tiny_pair, tiny_cfg, tmp_path,
+                                                                                   monkeypatch):
+    """A later session's prompts seen before (same model, same adapter) are restored, not computed:
+    their prefill logits are the stored ones, and the steps after them decode as the batch computed
+    from scratch does (and as torch does). Another adapter's prompts are not reused."""
+    from fedpt.bench import with_random_lora
+    from fedpt.models.llamacpp import LlamaCppLogitSource, LlamaCppModel, export_lora_gguf, gguf_path
+    from fedpt.models.loading import load_model
+
+    tokenizer = tiny_pair[0]
+    computed = []
+    decode = LlamaCppLogitSource._decode
+    monkeypatch.setattr(LlamaCppLogitSource, "_decode",
+                        lambda self, handle, tokens: computed.append(len(tokens)) or decode(self, handle, tokens))
+    monkeypatch.setenv("FEDPT_LLAMACPP_SHARE_PREFIX", "off")  # count each prompt's own tokens
+    engine = LlamaCppModel(gguf_path("tiny-small"), threads=1)
+    small = load_model("tiny-small", "float32")
+    first_ids, first_mask = padded_batch(tokenizer, SHARED[:3])
+    first = engine.source()
+    first_logits = first.prefill(first_ids, first_mask)
+    assert sum(computed) == int(first_mask.sum()) and engine.prompt_states.misses == 3
+    later = [SHARED[2], "A prompt nobody has seen before", SHARED[0]]  # two seen, in other rows and padding
+    ids, mask = padded_batch(tokenizer, later)
+    computed.clear()
+    again = engine.source().prefill(ids, mask)
+    assert computed == [int(mask[1].sum())] and engine.prompt_states.hits == 2
+    assert torch.equal(again[0], first_logits[2]) and torch.equal(again[2], first_logits[0])
+    monkeypatch.setenv("FEDPT_LLAMACPP_PROMPT_STATES", "0")
+    fresh_engine = LlamaCppModel(gguf_path("tiny-small"), threads=1)
+    assert fresh_engine.prompt_states is None
+    restored, fresh, reference = engine.source(), fresh_engine.source(), LocalLogitSource(small)
+    for source in (restored, fresh, reference):
+        source.prefill(ids, mask)
+    for step in range(3):
+        tokens = torch.tensor([5 + step, 60 + step, 600 + step])
+        got = restored.step(tokens)
+        torch.testing.assert_close(got, fresh.step(tokens), atol=SHARED_ATOL, rtol=0)
+        torch.testing.assert_close(got, reference.step(tokens), atol=ATOL, rtol=0)
+    # a tuned view of the same prompts computes them: its keys and values are not the base's
+    tuned = with_random_lora(load_model("tiny-small", "float32"), tiny_cfg.lora)
+    adapter = engine.load_adapter(export_lora_gguf(tuned, tmp_path / "adapter.gguf"))
+    computed.clear()
+    tuned_logits = engine.source(adapter).prefill(first_ids, first_mask)
+    assert sum(computed) == int(first_mask.sum())
+    torch.testing.assert_close(tuned_logits, LocalLogitSource(tuned).prefill(first_ids, first_mask), atol=ATOL, rtol=0)
+    assert (tuned_logits - first_logits).abs().max() > 0.05
+    monkeypatch.setenv("FEDPT_LLAMACPP_PROMPT_STATES", "lots")
+    with pytest.raises(FedPTError, match="FEDPT_LLAMACPP_PROMPT_STATES='lots': expected MiB"):
+        LlamaCppModel(gguf_path("tiny-small"), threads=1)
+
+
+def test_prompt_states_keep_the_most_recent_within_their_budget():
+    from fedpt.models.llamacpp import PromptStates
+
+    states = PromptStates(budget=1000)
+    logits = torch.zeros(25)  # 100 bytes
+    for n in range(4):
+        states.put((None, (n,)), bytes(200), logits)  # 300 bytes each
+    assert list(states.entries) == [(None, (1,)), (None, (2,)), (None, (3,))] and states.size == 900
+    assert states.get((None, (1,))) is not None  # used: now the most recent
+    states.put((None, (9,)), bytes(200), logits)
+    assert list(states.entries) == [(None, (3,)), (None, (1,)), (None, (9,))]  # 2 went: least recently used
+    states.put((None, (10,)), bytes(2000), logits)  # larger than the budget: not kept, nothing evicted
+    assert len(states.entries) == 3 and states.get(("other adapter", (1,))) is None
 
 
 def test_retired_rows_leave_the_steps_and_the_others_decode_as_before(tiny_pair, engine, monkeypatch):

@@ -30,7 +30,7 @@ from fedpt.errors import FedPTError
 from fedpt.eval_cache import EvalCache, adapter_digest
 from fedpt.evaluate import EvalResult, evaluate_rouge_sets, example_id
 from fedpt.models.logits import LocalLogitSource, LogitSource, MixedAdapterDiff
-from fedpt.models.lora import attach_lora, get_adapter_state, set_adapter_state
+from fedpt.models.lora import adapter_is_identity, attach_lora, get_adapter_state, set_adapter_state
 from fedpt.proxy import ProxyTunedLM
 
 
@@ -209,6 +209,8 @@ class ServerModels:
         if self.cfg.model.eval_engine != "llamacpp":
             return LocalLogitSource(model)
         engine = self.small_engine if device_model == "small" else self.large_engine
+        if adapter_is_identity(model):  # round 0: the pretrained model; no adapter, no LoRA products,
+            return engine.source()      # and its prompts' states serve the base view later (PromptStates)
         return engine.source(engine.load_peft_adapter(model))
 
     # -- step 5: distillation ---------------------------------------------------------------

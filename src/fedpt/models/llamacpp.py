@@ -17,6 +17,7 @@ source, compiled at install in about 15 minutes on 2 cores).
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import os
 import threading
@@ -31,6 +32,7 @@ from fedpt.errors import FedPTError
 from fedpt.proxy import TwoSourceDiff
 
 SHARE_PREFIX_ENV = "FEDPT_LLAMACPP_SHARE_PREFIX"
+PROMPT_STATES_ENV = "FEDPT_LLAMACPP_PROMPT_STATES"  # MiB kept; 0 turns it off
 INSTALL_HINT = "install the bindings: pip install 'llama-cpp-python==0.3.36' (compiles llama.cpp, ~15 min)"
 
 
@@ -98,6 +100,56 @@ def share_prefixes_enabled() -> bool:
     if value not in ("on", "off"):
         raise FedPTError(f"{SHARE_PREFIX_ENV}={value!r}: expected on or off")
     return value == "on"
+
+
+def prompt_states_budget() -> int:
+    """Bytes of prompt states a llama.cpp model keeps for later sessions (``FEDPT_LLAMACPP_PROMPT_STATES``,
+    in MiB: 512 by default, 0 turns it off)."""
+    value = os.environ.get(PROMPT_STATES_ENV, "512").strip()
+    if not value.isdigit():
+        raise FedPTError(f"{PROMPT_STATES_ENV}={value!r}: expected MiB as a whole number (0 turns it off)")
+    return int(value) * 2**20
+
+
+class PromptStates:
+    """Each prompt's KV stream and next-token logits after prefill, kept for later sessions.
+
+    A run prefills the same prompts again and again: the evaluation sets in round 0 (large LM,
+    pretrained small LM) and again in the last round's proxy (the large LM, the small LM's base
+    view, and its tuned view, which the small LM's own evaluation has just prefilled), the KD pool
+    in every round (large LM and base view). Prefill is most of a llama.cpp evaluation's time on a
+    CPU. A prompt seen before, with the same adapter, gets its stream back
+    (``llama_state_seq_set_data``) and its stored logits instead of being computed: the same
+    numbers, since a row's stream holds only its own tokens. Keyed by (adapter digest or None,
+    tokens); least recently used first out, within ``budget`` bytes.
+    """
+
+    def __init__(self, budget: int) -> None:
+        from collections import OrderedDict
+
+        self.budget, self.size = budget, 0
+        # state: llama.cpp's serialised stream (a ctypes byte array; anything with len() in bytes)
+        self.entries: OrderedDict[tuple[str | None, tuple[int, ...]], tuple[Any, torch.Tensor]] = OrderedDict()
+        self.hits = self.misses = self.reused_tokens = 0
+
+    def get(self, key: tuple[str | None, tuple[int, ...]]) -> tuple[Any, torch.Tensor] | None:
+        entry = self.entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self.entries.move_to_end(key)
+        self.hits += 1
+        self.reused_tokens += len(key[1])
+        return entry
+
+    def put(self, key: tuple[str | None, tuple[int, ...]], state: Any, logits: torch.Tensor) -> None:
+        if key in self.entries or len(state) + logits.nbytes > self.budget:
+            return
+        self.entries[key] = (state, logits)
+        self.size += len(state) + logits.nbytes
+        while self.size > self.budget:
+            old_state, old_logits = self.entries.popitem(last=False)[1]
+            self.size -= len(old_state) + old_logits.nbytes
 
 
 def check_runs_here(gguf: Path, extra_buffers: bool) -> None:
@@ -193,6 +245,8 @@ class LlamaCppModel(_ClosedWhenCollected):
                              "(check the file, or use model.large_backend = 'local')")
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model)))
         self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(self.model))
+        budget = prompt_states_budget()
+        self.prompt_states = PromptStates(budget) if budget else None
 
     def source(self, adapter: LlamaCppAdapter | None = None) -> LlamaCppLogitSource:
         return LlamaCppLogitSource(self, adapter)
@@ -308,16 +362,39 @@ class LlamaCppLogitSource(_ClosedWhenCollected):
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         rows = _real_tokens(input_ids, attention_mask)
         handle = self._context(len(rows), max(len(r) for r in rows) + 1, self._room)
-        starts = self._share_prefixes(handle, rows)
-        entries = [(tok, pos, row, pos == len(seq) - 1)
-                   for row, (seq, start) in enumerate(zip(rows, starts)) for pos, tok in enumerate(seq) if pos >= start]
+        states = self.model.prompt_states
+        adapter = self.adapter.digest if self.adapter is not None else None
+        logits = torch.empty(len(rows), self.model.n_vocab)
+        todo = []
+        for row, seq in enumerate(rows):
+            found = states.get((adapter, tuple(seq))) if states is not None else None
+            if found is not None and self.lib.llama_state_seq_set_data(handle, found[0], len(found[0]), row):
+                logits[row] = found[1]
+            else:
+                todo.append(row)
+        starts = self._share_prefixes(handle, rows, todo)
+        entries = [(tok, pos, row, pos == len(rows[row]) - 1)
+                   for row in todo for pos, tok in enumerate(rows[row]) if pos >= starts[row]]
+        if todo:
+            logits[todo] = self._decode(handle, entries)
+        if states is not None:
+            for row in todo:  # before any step: the stream holds the prompt alone
+                states.put((adapter, tuple(rows[row])), self._stream_state(handle, row), logits[row].clone())
         self._next_pos = [len(seq) for seq in rows]
         self._retired = set()
-        return self._decode(handle, entries)
+        return logits
 
-    def _share_prefixes(self, handle: Any, rows: list[list[int]]) -> list[int]:
+    def _stream_state(self, handle: Any, row: int) -> Any:
+        """Row ``row``'s KV stream, serialised by llama.cpp (a ctypes byte array, as it reads it back)."""
+        size = self.lib.llama_state_seq_get_size(handle, row)
+        buffer = (ctypes.c_uint8 * size)()
+        written = self.lib.llama_state_seq_get_data(handle, buffer, size, row)
+        return buffer if written == size else (ctypes.c_uint8 * written).from_buffer_copy(buffer)
+
+    def _share_prefixes(self, handle: Any, rows: list[list[int]], members: list[int]) -> list[int]:
         """Compute what several rows open with once: in one row's KV stream, then copied to the
-        others' streams. Returns, per row, the first position still to compute.
+        others' streams. Returns, per row, the first position still to compute; only ``members``
+        (the rows to compute) take part.
 
         Prefill is most of an evaluation prompt's time, and instruction prompts share a template
         header (Alpaca's two variants part after ~8 tokens and run to ~35; S-NI's task definitions
@@ -330,10 +407,10 @@ class LlamaCppLogitSource(_ClosedWhenCollected):
         (``tests/test_llamacpp.py`` compares against unshared rows).
         """
         starts = [0] * len(rows)
-        if len(rows) < 2 or not self.share_prefixes:
+        if len(members) < 2 or not self.share_prefixes:
             return starts
         memory = self.lib.llama_get_memory(handle)
-        frontier = [(list(range(len(rows))), 0)]  # (rows whose streams hold their first `done` tokens, done)
+        frontier = [(list(members), 0)]  # (rows whose streams hold their first `done` tokens, done)
         while frontier:  # one tree level per llama_decode call: each call reads all the weights once
             entries, copies, deeper = [], [], []
             for members, done in frontier:
@@ -416,6 +493,8 @@ class LlamaCppAdapter(_ClosedWhenCollected):
     def __init__(self, model: LlamaCppModel, path: Path) -> None:
         self.model, self.path = model, Path(path)
         self.handle = model.lib.llama_adapter_lora_init(model.model, str(self.path).encode())
+        # what the adapter computes, for PromptStates: two exports of one adapter are one file
+        self.digest = hashlib.sha256(self.path.read_bytes()).hexdigest() if self.handle else ""
         if not self.handle:
             raise FedPTError(f"llama.cpp could not load the LoRA adapter {self.path} onto {model.path.name}")
 

@@ -53,5 +53,13 @@ def set_adapter_state(model: Any, state: dict[str, Any]) -> None:
     set_peft_model_state_dict(model, state)
 
 
+def adapter_is_identity(model: Any) -> bool:
+    """True when every LoRA B matrix is zero: the adapter adds exactly nothing (a fresh adapter,
+    round 0), so the model computes what its base does."""
+    from peft import get_peft_model_state_dict
+
+    return all(not bool(value.any()) for key, value in get_peft_model_state_dict(model).items() if "lora_B" in key)
+
+
 def count_trainable(model: Any) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -239,6 +239,51 @@ def test_overlapped_step_runs_the_small_diff_beside_the_large_and_gives_the_same
     proxy.close()
 
 
+def test_beside_a_remote_large_lm_prefill_and_score_run_the_small_lm_meanwhile():
+    """A remote large LM computes elsewhere: its prefill and scoring wait on the network, and the
+    small LM's run meanwhile (by default); a local one's run in turn (they are bound by compute)."""
+    import threading
+
+    class Remote(Rendezvous):
+        remote = True
+
+        def prefill(self, input_ids, attention_mask):
+            return self.step(None)
+
+        def score(self, input_ids, attention_mask, keep_last=0):
+            return self.step(None)[:, None, :].expand(-1, keep_last or input_ids.shape[1], -1)
+
+    class Announcing(FixedLogits):
+        def __init__(self, logits, arrive):
+            super().__init__(logits)
+            self.arrive, self.threads = arrive, []
+
+        def prefill(self, input_ids, attention_mask):
+            self.threads.append(threading.current_thread().name)
+            self.arrive.set()
+            return self.logits
+
+        def score(self, input_ids, attention_mask, keep_last=0):
+            self.threads.append(threading.current_thread().name)
+            self.arrive.set()
+            return super().score(input_ids, attention_mask, keep_last)
+
+    ids, mask = torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2)
+    for call in ("prefill", "score"):
+        arrived = threading.Event()
+        large = Remote(torch.zeros(1, 3), wait_for=arrived)  # answers only once the small LM has started
+        proxy = ProxyTunedLM(large, TwoSourceDiff(Announcing(torch.ones(1, 3), arrived), FixedLogits(torch.zeros(1, 3))),
+                             alpha=2.0)
+        out = getattr(proxy, call)(ids, mask)
+        assert torch.equal(out.reshape(-1, 3)[-1], torch.full((3,), 2.0))
+        proxy.close()
+    # told not to overlap, a remote large LM's prefill runs in turn, and a local one's always does
+    for large, overlap in ((Remote(torch.zeros(1, 3)), False), (FixedLogits(torch.zeros(1, 3)), None)):
+        small = Announcing(torch.ones(1, 3), threading.Event())
+        ProxyTunedLM(large, TwoSourceDiff(small, FixedLogits(torch.zeros(1, 3))), 2.0, overlap=overlap).prefill(ids, mask)
+        assert small.threads == [threading.current_thread().name]
+
+
 def test_overlapped_step_waits_for_the_small_diff_when_the_large_fails():
     import threading
 
@@ -285,6 +330,10 @@ def test_step_overlap_trial_alternates_then_keeps_the_faster_mode_per_batch_size
         mode = trial.mode(8)
         trial.record(8, mode, next(timings[mode]))
     assert trial.mode(8) is False and trial.mode(1) is True
+    # an overlapped step far slower than the sequential one ends the trial at once
+    trial.record(24, False, 1.0)
+    trial.record(24, True, 1.6)
+    assert trial.chosen[24] is False and trial.runs[24] == 2
 
 
 def test_auto_overlap_decides_by_timing_and_never_runs_beside_llamacpp(tiny_pair, tiny_cfg):
@@ -316,3 +365,18 @@ def test_auto_overlap_decides_by_timing_and_never_runs_beside_llamacpp(tiny_pair
             proxy.step(torch.tensor([0]))
         assert proxy.overlap is False and proxy.trial is None
     assert set(tuned.threads) == {threading.current_thread().name}
+
+
+def test_a_fresh_adapter_is_the_identity_and_a_trained_one_is_not(tiny_pair, tiny_cfg):
+    """Round 0's adapter (LoRA B = 0) adds nothing: evaluation engines may run the base model for it."""
+    from fedpt.models.lora import adapter_is_identity
+
+    tokenizer, small, _ = tiny_pair
+    peft = attach_lora(copy.deepcopy(small), tiny_cfg.lora, seed=0)
+    assert adapter_is_identity(peft)
+    ids, mask = encode_prompts_left(tokenizer, PROMPTS, 64)
+    # independent check of "adds nothing": the tuned view's logits are the base view's, bit for bit
+    assert torch.equal(LocalLogitSource(peft).score(ids, mask), LocalLogitSource(peft, use_adapter=False).score(ids, mask))
+    with torch.no_grad():
+        next(p for name, p in peft.named_parameters() if "lora_B" in name)[0, 0] = 1e-3
+    assert not adapter_is_identity(peft)

@@ -104,7 +104,9 @@ class StepOverlapTrial:
         best = self.best.setdefault(rows, {})
         best[overlap] = min(best.get(overlap, float("inf")), seconds)
         self.runs[rows] = self.runs.get(rows, 0) + 1
-        if self.runs[rows] >= 2 * self.trials:
+        if overlap and seconds > 1.5 * best.get(False, float("inf")):
+            self.chosen[rows] = False  # thread teams crowding each other: no second try
+        elif self.runs[rows] >= 2 * self.trials:
             # overlap must win clearly: sequential uses fewer threads for the same numbers
             self.chosen[rows] = best[True] < 0.95 * best[False]
 
@@ -115,8 +117,9 @@ class ProxyTunedLM:
     ``diff`` is ``TwoSourceDiff(tuned, base)`` or, faster, ``MixedAdapterDiff(peft_model)``.
     ``overlap``: run each decoding step's large-LM and small-LM parts at once (the small one in a
     worker thread); None (default) decides per batch size by timing (``StepOverlapTrial``), never
-    beside a source that holds every core (llama.cpp). Prefill and scoring stay sequential: they
-    are bound by compute.
+    beside a source that holds every core (llama.cpp). Prefill and scoring run at once only beside
+    a remote large LM (its ``remote`` attribute: the wait is the network's and another machine's);
+    locally they are bound by compute.
     """
 
     def __init__(self, large: LogitSource, diff: LogitDiff, alpha: float, overlap: bool | None = None) -> None:
@@ -133,35 +136,41 @@ class ProxyTunedLM:
             return z_large
         return proxy_logits(z_large, getattr(self.diff, call)(*args), self.alpha)
 
+    def _whole(self, call: str, *args: torch.Tensor | int) -> torch.Tensor:
+        """Prefill or score: at once beside a remote large LM (unless ``overlap=False``), else in turn."""
+        if self.alpha != 0.0 and self.overlap is not False and getattr(self.large, "remote", False):
+            return self._overlapped(call, *args)
+        return self._combine(call, *args)
+
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self._combine("prefill", input_ids, attention_mask)
+        return self._whole("prefill", input_ids, attention_mask)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.alpha == 0.0 or self.overlap is False:
             return self._combine("step", tokens)
         if self.trial is None:
-            return self._overlapped_step(tokens)
+            return self._overlapped("step", tokens)
         rows = len(tokens)
         overlap = self.trial.mode(rows)
         start = self.trial.clock()
-        logits = self._overlapped_step(tokens) if overlap else self._combine("step", tokens)
+        logits = self._overlapped("step", tokens) if overlap else self._combine("step", tokens)
         self.trial.record(rows, overlap, self.trial.clock() - start)
         return logits
 
-    def _overlapped_step(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _overlapped(self, call: str, *args: torch.Tensor | int) -> torch.Tensor:
         if self._worker is None:
             self._worker = ThreadPoolExecutor(1, thread_name_prefix="fedpt-proxy-diff")
         # a new thread has torch's default thread count, not the caller's (core sharing sets it)
-        future = self._worker.submit(_with_threads, torch.get_num_threads(), self.diff.step, tokens)
+        future = self._worker.submit(_with_threads, torch.get_num_threads(), getattr(self.diff, call), *args)
         try:
-            z_large = self.large.step(tokens).float()
+            z_large = getattr(self.large, call)(*args).float()
         except BaseException:
-            wait([future])  # the small model's step must not outlive the call
+            wait([future])  # the small model's part must not outlive the call
             raise
         return proxy_logits(z_large, future.result(), self.alpha)
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_last: int = 0) -> torch.Tensor:
-        return self._combine("score", input_ids, attention_mask, keep_last)
+        return self._whole("score", input_ids, attention_mask, keep_last)
 
     def retire_rows(self, rows: torch.Tensor) -> None:
         retire_rows(self.large, rows)

@@ -242,6 +242,8 @@ class OpenAITopKSource:
         Send token-id prompts (``None``: if the server takes them, else text; ``False``: always text).
     """
 
+    remote = True  # computes elsewhere: the proxy runs the small LM while it waits (``ProxyTunedLM``)
+
     def __init__(self, base_url: str, model: str, k: int, tokenizer: Any, vocab_size: int,
                  api_key: str | None = None, timeout: float = 300.0, retries: int = 3,
                  token_ids: bool | None = None, id_prompts: bool | None = None) -> None:

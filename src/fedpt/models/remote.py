@@ -115,6 +115,8 @@ def _error_message(response: Any) -> str:
 class RemoteLogitSource:
     """``LogitSource`` over a ``LogitsService``: one server-side session (KV cache) per prefill."""
 
+    remote = True  # computes elsewhere: the proxy runs the small LM while it waits (``ProxyTunedLM``)
+
     def __init__(self, service: LogitsService, dtype: str | None = None) -> None:
         self.service, self.dtype = service, dtype  # dtype None: the service's own (lossless)
         self._session: str | None = None

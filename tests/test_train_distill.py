@@ -195,6 +195,50 @@ def test_response_loss_matches_full_logits_loss_and_gradients(tiny_pair, tiny_cf
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_a_frozen_heads_gradient_taken_in_the_forward_pass_is_the_checkpointed_ones_bit_for_bit(tiny_pair, tiny_cfg):
+    """A frozen LM head: the chunk's gradient is taken while its logits exist (one head product per
+    chunk forward instead of two); the loss and every LoRA gradient are those of the checkpointed
+    path bit for bit. A head that trains takes the checkpointed path and gets its gradient."""
+    import torch
+
+    from fedpt.data.prompts import encode_sft, pack
+    from fedpt.train import response_loss
+
+    tokenizer, small, _ = tiny_pair
+    peft = attach_lora(copy.deepcopy(small), tiny_cfg.lora, seed=0)
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    rows = [encode_sft(tokenizer, format_prompt(ex, "alpaca"), ex.response, 64, 128) for ex in _splits().train[:5]]
+    batch = pack(rows)
+    head = peft.get_base_model().get_output_embeddings()
+    calls = []
+    head.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+
+    def loss_and_grads():
+        peft.zero_grad(set_to_none=True)
+        calls.clear()
+        loss = response_loss(peft, batch, chunk_tokens=7)
+        loss.backward()
+        return loss, {n: p.grad.clone() for n, p in peft.named_parameters() if "lora_" in n}, list(calls)
+
+    peft.train()
+    fused_loss, fused_grads, fused_calls = loss_and_grads()
+    head.weight.requires_grad_(True)
+    try:
+        ckpt_loss, ckpt_grads, ckpt_calls = loss_and_grads()
+        assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+    finally:
+        head.weight.requires_grad_(False)
+    chunks = len(fused_calls)
+    assert chunks > 2 and sorted(ckpt_calls) == sorted(fused_calls * 2)  # checkpointing: each chunk's head twice
+    assert torch.equal(fused_loss, ckpt_loss)
+    assert fused_grads.keys() == ckpt_grads.keys()
+    for name, grad in ckpt_grads.items():
+        assert torch.equal(fused_grads[name], grad), name
+
+
 @pytest.mark.parametrize("sample, teacher_batch", [(False, 0), (True, 0), (False, 7)])
 def test_teacher_logprobs_kept_from_decoding_equal_a_fresh_scoring(tiny_pair, tiny_cfg, sample, teacher_batch,
                                                                    monkeypatch):

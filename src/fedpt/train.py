@@ -33,14 +33,19 @@ class TrainResult:
     seconds: float
 
 
-def response_loss(model: Any, batch: dict[str, torch.Tensor], chunk_tokens: int = 256) -> torch.Tensor:
+def response_loss(model: Any, batch: dict[str, torch.Tensor], chunk_tokens: int = 256,
+                  head_gradient_in_forward: bool = True) -> torch.Tensor:
     """Mean next-token cross-entropy over the labelled positions of ``batch`` (what HF's
     ``model(**batch).loss`` computes), without the full (B, T, V) logits.
 
     The decoder runs once; the LM head and the loss run on labelled positions only, in chunks of
-    ``chunk_tokens`` under activation checkpointing, so at most one chunk's fp32 logits exist at a
-    time (the backward pass recomputes them). Models whose head does more than a projection
-    (final logit soft-capping) fall back to the plain path.
+    ``chunk_tokens``, so at most one chunk's fp32 logits exist at a time. A frozen head (LoRA
+    leaves it alone) gets each chunk's gradient with respect to the hidden states while its
+    logits exist (``_HeadLossAndGradient``): two products with the head per token where
+    checkpointing the chunk took three (forward, its recomputation, backward), the same numbers.
+    A trained head is checkpointed instead (so is every head with ``head_gradient_in_forward=False``,
+    for side-by-side measurements). Models whose head does more than a projection (final
+    logit soft-capping) fall back to the plain path.
     """
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(causal_lm.config, "final_logit_softcapping", None):
@@ -56,11 +61,44 @@ def response_loss(model: Any, batch: dict[str, torch.Tensor], chunk_tokens: int 
     def chunk_loss(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.cross_entropy(head(h).float(), t, reduction="sum")
 
+    frozen_head = head_gradient_in_forward and not any(p.requires_grad for p in head.parameters())
+    # d(mean)/d(chunk sum), as autograd will pass it: scaling before the head's product, as the
+    # checkpointed path does, keeps the gradients bit for bit those of that path
+    scale = torch.ones((), dtype=torch.float32) / max(len(targets), 1)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, len(targets), chunk_tokens):
         part = slice(start, start + chunk_tokens)
-        total = total + torch.utils.checkpoint.checkpoint(chunk_loss, hidden[part], targets[part], use_reentrant=False)
+        if frozen_head and hidden.requires_grad:
+            total = total + _HeadLossAndGradient.apply(hidden[part], targets[part], chunk_loss, scale)
+        else:
+            total = total + torch.utils.checkpoint.checkpoint(chunk_loss, hidden[part], targets[part],
+                                                              use_reentrant=False)
     return total / max(len(targets), 1)
+
+
+class _HeadLossAndGradient(torch.autograd.Function):
+    """``loss_fn(hidden, targets)`` whose backward returns the gradient with respect to ``hidden``
+    computed in the forward pass, while the chunk's logits exist; only that (N, H) gradient is kept.
+    ``expected``: the gradient the loss will receive (it scales the computation as autograd would;
+    another one is still right, rescaled). For a frozen head only: no gradient reaches its weight."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, targets: torch.Tensor, loss_fn: Any,
+                expected: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            h = hidden.detach().requires_grad_()
+            # through a view: module backward hooks (FlopCounterMode's) refuse a leaf input under autograd.grad
+            loss = loss_fn(h.view_as(h), targets)
+            (grad,) = torch.autograd.grad(loss, h, grad_outputs=expected)
+        ctx.save_for_backward(grad, expected)
+        return loss.detach()
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        grad, expected = ctx.saved_tensors
+        if torch.equal(grad_loss, expected):
+            return grad, None, None, None
+        return grad * (grad_loss / expected).to(grad.dtype), None, None, None
 
 
 def local_tune(

@@ -20,6 +20,9 @@ def test_each_phase_is_divided_by_its_own_bound():
     profile = {"phases": {"evaluation: small": {"seconds": 3.0, "calls": 2, **wide},
                           "evaluation: large": {"seconds": 2.0, "calls": 1, **narrow},
                           "evaluation: proxy": {"seconds": 6.0, "calls": 2, **wide},
+                          # the same work, a quarter of whose prompt FLOPs were restored (llama.cpp's PromptStates)
+                          "kd teacher decoding": {"seconds": 6.0, "calls": 2, **wide,
+                                                  "prompt_flops_restored": 250 * 2 * (n_large + n_small)},
                           "kd student steps": {"seconds": 4.0, "calls": 3, "steps": 3, "tokens": 900},
                           "ray start-up": {"seconds": 5.0, "calls": 1},
                           "device rounds (wait)": {"seconds": 50.0, "calls": 2, "rounds": 2}},
@@ -37,6 +40,9 @@ def test_each_phase_is_divided_by_its_own_bound():
     assert rows["evaluation: small"]["ratio"] == pytest.approx(small / 3.0)
     assert rows["evaluation: large"]["ratio"] == pytest.approx(large / 2.0)
     assert rows["evaluation: proxy"]["ratio"] == pytest.approx(proxy / 6.0)
+    restored = 300 * 2 * (n_large + n_small) / GEMM + 750 * 2 * (n_large + n_small) / GEMM
+    assert rows["kd teacher decoding"]["ratio"] == pytest.approx(restored / 6.0)
+    assert rows["kd teacher decoding"]["work"].endswith("1000 prompt tokens (25% of their FLOPs restored, not computed)")
     assert rows["kd student steps"]["ratio"] == pytest.approx(6 * n_small * 900 / GEMM / 4.0)
     devices = rows["device steps (devices' own clocks, summed)"]
     assert devices["ratio"] == pytest.approx(6 * n_small * 5000 / GEMM_ONE / 80.0)

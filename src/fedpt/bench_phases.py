@@ -6,7 +6,8 @@ Each phase gets the least time this machine could spend on its work:
   the models it runs once and computes 2 x params FLOPs per row, so the steps take at least
   ``max(decode_steps x bytes / bandwidth, new_tokens x 2 x params / GEMM FLOP/s)`` (the bytes
   bind narrow batches, the FLOPs wide ones); the prefill is compute:
-  ``prompt_tokens x 2 x params / GEMM FLOP/s``. Bytes are what the engine holds: the GGUF file
+  ``prompt_tokens x 2 x params / GEMM FLOP/s``, less the prompts llama.cpp restored instead of
+  computing (``PromptStates``: ``prompt_flops_restored``). Bytes are what the engine holds: the GGUF file
   for llama.cpp, parameters x dtype size for torch; the proxy reads the large LM and, in
   llama.cpp, the small one twice (tuned and base views are two contexts; torch runs them as one
   doubled batch). Padding rows and finished rows cost nothing here, so the bound is strict.
@@ -113,11 +114,15 @@ def phase_table(cfg: FedPTConfig, profile: dict[str, Any], bandwidth: float, gem
             # a step reads every weight once, and computes 2 x params per row: a wide batch's
             # steps are bound by the FLOPs, a narrow one's by the bytes
             steps = max(values["decode_steps"] * step_bytes / bandwidth, values["new_tokens"] * 2 * params / gemm)
-            prefill = values["prompt_tokens"] * 2 * params / gemm
+            # prompts whose keys and values llama.cpp restored (PromptStates) were not computed
+            prompt_flops = values["prompt_tokens"] * 2 * params
+            restored = min(values.get("prompt_flops_restored", 0.0), prompt_flops)
+            prefill = (prompt_flops - restored) / gemm
             row.update(kind="decoding", bound_seconds=steps + prefill,
                        work=f"{int(values['new_tokens'])} new tokens in {int(values['decode_steps'])} steps "
                             f"({step_bytes / 2**30:.2f} GiB read per step), {int(values['prompt_tokens'])} "
-                            f"prompt tokens")
+                            f"prompt tokens" + (f" ({restored / prompt_flops:.0%} of their FLOPs restored, "
+                                                "not computed)" if restored else ""))
         elif name == "kd student steps":
             row.update(kind="training", bound_seconds=6 * small_params * values["tokens"] / gemm,
                        work=f"{int(values['steps'])} steps, {int(values['tokens'])} tokens")

@@ -245,6 +245,7 @@ class LlamaCppModel(_ClosedWhenCollected):
                              "(check the file, or use model.large_backend = 'local')")
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model)))
         self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(self.model))
+        self.n_params = int(llama_cpp.llama_model_n_params(self.model))
         budget = prompt_states_budget()
         self.prompt_states = PromptStates(budget) if budget else None
 
@@ -377,6 +378,11 @@ class LlamaCppLogitSource(_ClosedWhenCollected):
                    for row in todo for pos, tok in enumerate(rows[row]) if pos >= starts[row]]
         if todo:
             logits[todo] = self._decode(handle, entries)
+        if len(todo) < len(rows):  # the phase table's prefill bound counts only what was computed
+            from fedpt import profile
+
+            restored = sum(len(seq) for row, seq in enumerate(rows) if row not in todo)
+            profile.count(prompt_flops_restored=2 * self.model.n_params * restored)
         if states is not None:
             for row in todo:  # before any step: the stream holds the prompt alone
                 states.put((adapter, tuple(rows[row])), self._stream_state(handle, row), logits[row].clone())

@@ -110,11 +110,10 @@ def main() -> None:
              f"| off (each process on its one thread) | {off:.1f} | 1.00 |",
              f"| on (the longer one takes the idle core) | {on:.1f} | **{on / off:.3f}** |", "",
              f"Losses of every step bit-identical with sharing on and off: {losses[False] == losses[True]}."]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"cpu": cpu, "rounds": [
-        {str(k): v for k, v in r.items()} for r in rounds]}, indent=1))
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    from fedpt.bench import write_results
+
+    write_results(args.out, {"cpu": cpu, "rounds": [
+        {str(k): v for k, v in r.items()} for r in rounds]}, lines)
 
 
 if __name__ == "__main__":

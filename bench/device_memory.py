@@ -153,10 +153,9 @@ def main() -> None:
         lines.append(f"| {name} | {', '.join(r['frozen_dtypes'])} | {s['imports'] / 2**30:.2f} | "
                      f"{s['model loaded'] / 2**30:.2f} | {r['load_peak_bytes'] / 2**30:.2f} | "
                      f"**{r['peak_bytes'] / 2**30:.2f}** | {r['seconds']:.1f} | {r['work']} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"cpu": cpu, "cases": results}, indent=1))
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    from fedpt.bench import write_results
+
+    write_results(args.out, {"cpu": cpu, "cases": results}, lines)
 
 
 if __name__ == "__main__":

@@ -126,10 +126,9 @@ def main() -> None:
              f"| one two-thread process, the steps in turn | {best_one:.1f} | **{best_one / best_pair:.2f}** |", "",
              f"Two threads run a step {one_thread / best_one:.2f}× as fast as one (mean one-thread seconds of all "
              f"steps, {one_thread:.1f} s, over the best two-thread run)."]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"cpu": cpu, "rounds": rounds}, indent=1))
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    from fedpt.bench import write_results
+
+    write_results(args.out, {"cpu": cpu, "rounds": rounds}, lines)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ Prints seconds per step, the ratio and the CPU; writes ``OUT.json`` and ``OUT.md
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -78,11 +77,9 @@ def main() -> None:
              f"| checkpointed chunk (3 head products) | {ckpt:.1f} | {ckpt / len(seconds[False]):.1f} |",
              f"| in the forward pass (2) | {fused:.1f} | {fused / len(seconds[True]):.1f} |", "",
              f"Ratio **{data['ratio']:.3f}**; loss and LoRA gradients bit-identical: **{identical}**."]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(data, indent=1))
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    from fedpt.bench import write_results
+
+    write_results(args.out, data, lines)
 
 
 if __name__ == "__main__":

@@ -73,9 +73,9 @@ def main() -> None:
               f"{r['speedup']:.2f}x | {r['rouge_l_shared']:.2f} | {r['rouge_l_unshared']:.2f} | "
               f"{r['identical_outputs']}/{r['prompts']} |" for r in rows]
     print("\n".join(lines))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    from fedpt.bench import write_results
+
+    write_results(args.out, report, lines, show=False)
 
 
 if __name__ == "__main__":

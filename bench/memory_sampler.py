@@ -19,7 +19,6 @@ this process spent and the PSS reads made, with the CPU named; writes ``OUT.json
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import subprocess
 import sys
@@ -125,11 +124,9 @@ def main() -> None:
     for name, r in results.items():
         lines.append(f"| {name} | {r['seconds']:.1f} | **{r['seconds'] / none:.3f}** | {r['kernel_seconds']:.1f} | "
                      f"{r['pss_reads']} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"cpu": cpu, "iterations": iterations, "results": results},
-                                                        indent=1))
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    from fedpt.bench import write_results
+
+    write_results(args.out, {"cpu": cpu, "iterations": iterations, "results": results}, lines)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ the speed-ups with the CPU named; writes ``OUT.json`` and ``OUT.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 from pathlib import Path
@@ -103,9 +102,9 @@ def main() -> None:
         lines.append(f"| {name} | {r['batches']} x {r['rows']} | {r['real_tokens']} | {r['padded_tokens']} | "
                      + " | ".join(f"{s[v]:.1f}" for v in variants) + f" | {rows_over_mask:.3f} | {over_padded} |")
     print("\n".join(lines))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"cpu": cpu_summary(), "results": results}, indent=1))
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    from fedpt.bench import write_results
+
+    write_results(args.out, {"cpu": cpu_summary(), "results": results}, lines, show=False)
 
 
 if __name__ == "__main__":

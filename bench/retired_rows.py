@@ -12,7 +12,6 @@ batch shape changes when rows leave, so llama.cpp may round differently), with t
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -60,10 +59,10 @@ def main() -> None:
         lines.append(f"| retire {setting} | {best[setting]:.1f} | {rouge[setting]} |")
     lines += ["", f"speed-up {best['off'] / best['on']:.2f}x; identical outputs {same}/{sum(len(e) for e in sets.values())}"]
     print("\n".join(lines))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"cpu": cpu_summary(), "seconds": best, "rouge_l": rouge,
-                                                         "identical_outputs": same}, indent=1))
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    from fedpt.bench import write_results
+
+    write_results(args.out, {"cpu": cpu_summary(), "seconds": best, "rouge_l": rouge, "identical_outputs": same},
+                  lines, show=False)
 
 
 if __name__ == "__main__":

@@ -65,3 +65,14 @@ def test_p7_target_follows_the_cpu():
     assert p7_target_minutes(frozenset({"avx2", "fma"})) == 15
     assert p7_target_minutes(frozenset({"avx2", "avx512f", "avx512_bf16"})) == 8
     assert p7_target_minutes(frozenset({"avx2", "amx_tile"})) == 8
+
+
+def test_bench_scripts_write_their_numbers_and_table(tmp_path, capsys):
+    from fedpt.bench import write_results
+
+    write_results(tmp_path / "deep" / "result", {"ratio": 0.9, "cpu": "x"}, ["| a |", "|---|"])
+    assert json.loads((tmp_path / "deep" / "result.json").read_text()) == {"ratio": 0.9, "cpu": "x"}
+    assert (tmp_path / "deep" / "result.md").read_text() == "| a |\n|---|\n"
+    assert capsys.readouterr().out == "| a |\n|---|\n"
+    write_results(tmp_path / "quiet", {}, ["x"], show=False)
+    assert capsys.readouterr().out == "" and (tmp_path / "quiet.md").read_text() == "x\n"

@@ -559,3 +559,14 @@ def test_fedavg_large_and_fedpt_evaluated_in_llamacpp(tmp_path, monkeypatch):
             scored = summary["systems"][system][stage]["rougeL_sets"]  # (eval adds the pretrained pair everywhere)
             assert {s: {m: again["systems"][system][stage]["rougeL_sets"][s][m] for m in models}
                     for s, models in scored.items()} == scored, (system, stage)
+    # asked for the pretrained pair only, it loads no torch copy of the large LM for fedavg-large's adapter
+    import fedpt.models.loading as loading
+
+    loaded, real_load = [], loading.load_model
+    monkeypatch.setattr(loading, "load_model", lambda spec, *a: loaded.append(spec) or real_load(spec, *a))
+    assert main(["eval", "--run", str(out), "--name", "pretrained", "--no-progress",
+                 "--model", "pretrained-small", "--model", "pretrained-large"]) == 0
+    assert "tiny-large" not in loaded
+    pretrained = json.loads((out / "evals" / "pretrained" / "summary.json").read_text())
+    assert (pretrained["systems"]["fedavg-large"]["pretrained"]["rougeL_sets"]
+            == again["systems"]["fedavg-large"]["pretrained"]["rougeL_sets"])

@@ -72,6 +72,16 @@ class BenchConfig:
                 raise FedPTError(f"--{name.replace('_', '-')} is too small: {getattr(self, name)}")
 
 
+def write_results(out: str | Path, data: dict[str, Any], lines: list[str], show: bool = True) -> None:
+    """A bench script's results: ``OUT.json`` (the numbers) and ``OUT.md`` (the table), printed too."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(data, indent=1))
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    if show:
+        print("\n".join(lines))
+
+
 def p7_target_minutes(flags: frozenset[str] | None = None) -> int:
     """Issue 18's P7 target for the CPU: 8 min where torch has fast bf16 matmuls (AVX-512-BF16,
     AMX), 15 min on AVX2-only CPUs (every trained model runs in fp32 there)."""

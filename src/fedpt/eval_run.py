@@ -81,7 +81,9 @@ def evaluate_run(run_dir: Path, data: list[str] | None = None, overrides: list[s
                              "held_out": len(keys & {ex.key for ex in splits.eval})}
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    large_trainable = any(SYSTEM_SPECS[s].device_model == "large" for s in systems)
+    # the large LM gets a torch copy for its adapter only when a tuned large LM (fedavg-large) is to be scored
+    large_trainable = any(SYSTEM_SPECS[s].device_model == "large" and any(not m.startswith("pretrained-")
+                                                                          for m in plan[s]) for s in systems)
     server = ServerModels.load(cfg, splits, large_trainable=large_trainable)
     server.eval_sets = eval_sets
     records = _evaluate(run_dir, out_dir, server, systems, plan, show_progress)

@@ -27,6 +27,16 @@ class FixedLogits:
         return self.logits[:, None, :].expand(-1, keep_last or input_ids.shape[1], -1)
 
 
+def tuned_copy(small, tiny_cfg):
+    """A copy of the small LM with a LoRA adapter that changes its logits (B drawn, not zero)."""
+    peft = attach_lora(copy.deepcopy(small), tiny_cfg.lora, seed=0)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return peft
+
+
 def test_proxy_logits_match_hand_computation():
     z_large = torch.tensor([[1.0, 2.0, 3.0]])
     z_tuned = torch.tensor([[0.5, 0.0, 4.0]])
@@ -47,11 +57,7 @@ def test_proxy_logits_match_hand_computation():
 
 def test_alpha_zero_is_exactly_the_large_model(tiny_pair, tiny_cfg):
     tokenizer, small, large = tiny_pair
-    peft = attach_lora(copy.deepcopy(small), tiny_cfg.lora, seed=0)
-    with torch.no_grad():  # a non-trivial adapter, so tuned != base
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
+    peft = tuned_copy(small, tiny_cfg)  # a non-trivial adapter, so tuned != base
     large_src = LocalLogitSource(large)
     proxy0 = ProxyTunedLM(large_src, MixedAdapterDiff(peft), alpha=0.0)
     proxy1 = ProxyTunedLM(large_src, MixedAdapterDiff(peft), alpha=1.0)
@@ -92,11 +98,7 @@ def test_sampling_is_seeded_and_respects_no_repeat_ngrams(tiny_pair):
 
 def test_mixed_adapter_batch_matches_two_separate_models(tiny_pair, tiny_cfg):
     tokenizer, small, _ = tiny_pair
-    peft = attach_lora(copy.deepcopy(small), tiny_cfg.lora, seed=0)
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
+    peft = tuned_copy(small, tiny_cfg)
     ids, mask = encode_prompts_left(tokenizer, PROMPTS, 64)
     mixed = MixedAdapterDiff(peft)
     plain = TwoSourceDiff(LocalLogitSource(peft, True), LocalLogitSource(peft, False))
@@ -340,11 +342,7 @@ def test_auto_overlap_decides_by_timing_and_never_runs_beside_llamacpp(tiny_pair
     import threading
 
     tokenizer, small, large = tiny_pair
-    peft = attach_lora(copy.deepcopy(small), tiny_cfg.lora, seed=0)
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
+    peft = tuned_copy(small, tiny_cfg)
     cfg = Decoding(max_new_tokens=8)
     sequential = generate_ids(ProxyTunedLM(LocalLogitSource(large), MixedAdapterDiff(peft), 1.0, overlap=False),
                               tokenizer, PROMPTS, cfg, 1, 64)

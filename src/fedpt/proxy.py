@@ -160,8 +160,9 @@ class ProxyTunedLM:
     def _overlapped(self, call: str, *args: torch.Tensor | int) -> torch.Tensor:
         if self._worker is None:
             self._worker = ThreadPoolExecutor(1, thread_name_prefix="fedpt-proxy-diff")
-        # a new thread has torch's default thread count, not the caller's (core sharing sets it)
-        future = self._worker.submit(_with_threads, torch.get_num_threads(), getattr(self.diff, call), *args)
+        # thread-local state does not follow into the worker: give it the caller's thread count and modes
+        future = self._worker.submit(_as_caller, (torch.get_num_threads(), torch.is_inference_mode_enabled(),
+                                                  torch.is_grad_enabled()), getattr(self.diff, call), *args)
         try:
             z_large = getattr(self.large, call)(*args).float()
         except BaseException:
@@ -188,9 +189,10 @@ class ProxyTunedLM:
             self._worker = None
 
 
-def _with_threads(threads: int, fn: Callable[..., Any], *args: Any) -> Any:
+def _as_caller(state: tuple[int, bool, bool], fn: Callable[..., Any], *args: Any) -> Any:
+    threads, inference, grad = state
     torch.set_num_threads(threads)
-    with torch.inference_mode():
+    with torch.inference_mode(inference), torch.set_grad_enabled(grad):
         return fn(*args)
 
 

@@ -371,8 +371,10 @@ class LlamaCppLogitSource(_ClosedWhenCollected):
             found = states.get((adapter, tuple(seq))) if states is not None else None
             if found is not None and self.lib.llama_state_seq_set_data(handle, found[0], len(found[0]), row):
                 logits[row] = found[1]
-            else:
-                todo.append(row)
+                continue
+            if found is not None:  # not taken back (llama.cpp said why on stderr): compute it from an empty stream
+                self.lib.llama_memory_seq_rm(self.lib.llama_get_memory(handle), row, -1, -1)
+            todo.append(row)
         starts = self._share_prefixes(handle, rows, todo)
         entries = [(tok, pos, row, pos == len(rows[row]) - 1)
                    for row in todo for pos, tok in enumerate(rows[row]) if pos >= starts[row]]

@@ -237,6 +237,11 @@ def test_a_frozen_heads_gradient_taken_in_the_forward_pass_is_the_checkpointed_o
     assert fused_grads.keys() == ckpt_grads.keys()
     for name, grad in ckpt_grads.items():
         assert torch.equal(fused_grads[name], grad), name
+    # a caller that scales the loss gets the scaled gradient (the forward pass assumed the mean's 1/N)
+    peft.zero_grad(set_to_none=True)
+    (3.0 * response_loss(peft, batch, chunk_tokens=7)).backward()
+    for name, grad in fused_grads.items():
+        torch.testing.assert_close(dict(peft.named_parameters())[name].grad, 3.0 * grad, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("sample, teacher_batch", [(False, 0), (True, 0), (False, 7)])

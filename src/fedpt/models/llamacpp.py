@@ -130,7 +130,7 @@ class PromptStates:
         self.budget, self.size = budget, 0
         # state: llama.cpp's serialised stream (a ctypes byte array; anything with len() in bytes)
         self.entries: OrderedDict[tuple[str | None, tuple[int, ...]], tuple[Any, torch.Tensor]] = OrderedDict()
-        self.hits = self.misses = self.reused_tokens = 0
+        self.hits = self.misses = 0
 
     def get(self, key: tuple[str | None, tuple[int, ...]]) -> tuple[Any, torch.Tensor] | None:
         entry = self.entries.get(key)
@@ -139,7 +139,6 @@ class PromptStates:
             return None
         self.entries.move_to_end(key)
         self.hits += 1
-        self.reused_tokens += len(key[1])
         return entry
 
     def put(self, key: tuple[str | None, tuple[int, ...]], state: Any, logits: torch.Tensor) -> None:

@@ -48,6 +48,16 @@ def padded_batch(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tenso
     return batch["input_ids"], batch["attention_mask"]
 
 
+def count_decoded(monkeypatch) -> list[int]:
+    """The tokens of each llama_decode call llama.cpp sources make from now on, in order."""
+    from fedpt.models.llamacpp import LlamaCppLogitSource
+
+    computed, decode = [], LlamaCppLogitSource._decode
+    monkeypatch.setattr(LlamaCppLogitSource, "_decode",
+                        lambda self, handle, tokens: computed.append(len(tokens)) or decode(self, handle, tokens))
+    return computed
+
+
 TEXTS = ["The quick brown fox", "A much longer prompt about the weather and the sea, with more words in it", "Hi"]
 
 
@@ -108,13 +118,8 @@ def test_rows_sharing_a_prefix_compute_it_once_and_decode_as_if_alone(tiny_pair,
     """Prefill with shared prefixes (the template header computed once, its KV copied to the other
     rows' streams) gives the logits of the same batch without sharing, at prefill and at every
     decoding step after it; and it computes fewer tokens."""
-    from fedpt.models.llamacpp import LlamaCppLogitSource
-
     ids, mask = padded_batch(tiny_pair[0], SHARED)
-    computed = []
-    decode = LlamaCppLogitSource._decode
-    monkeypatch.setattr(LlamaCppLogitSource, "_decode",
-                        lambda self, handle, tokens: computed.append(len(tokens)) or decode(self, handle, tokens))
+    computed = count_decoded(monkeypatch)
     shared = engine.source()
     monkeypatch.setenv("FEDPT_LLAMACPP_SHARE_PREFIX", "off")
     alone = engine.source()
@@ -149,14 +154,11 @@ def test_prompt_states_give_a_seen_prompt_its_stream_back_instead_of_computing_i
     their prefill logits are the stored ones, and the steps after them decode as the batch computed
     from scratch does (and as torch does). Another adapter's prompts are not reused."""
     from fedpt.bench import with_random_lora
-    from fedpt.models.llamacpp import LlamaCppLogitSource, LlamaCppModel, export_lora_gguf, gguf_path
+    from fedpt.models.llamacpp import LlamaCppModel, export_lora_gguf, gguf_path
     from fedpt.models.loading import load_model
 
     tokenizer = tiny_pair[0]
-    computed = []
-    decode = LlamaCppLogitSource._decode
-    monkeypatch.setattr(LlamaCppLogitSource, "_decode",
-                        lambda self, handle, tokens: computed.append(len(tokens)) or decode(self, handle, tokens))
+    computed = count_decoded(monkeypatch)
     monkeypatch.setenv("FEDPT_LLAMACPP_SHARE_PREFIX", "off")  # count each prompt's own tokens
     engine = LlamaCppModel(gguf_path("tiny-small"), threads=1)
     small = load_model("tiny-small", "float32")
@@ -213,14 +215,10 @@ def test_retired_rows_leave_the_steps_and_the_others_decode_as_before(tiny_pair,
     """A row the decoding session will not read again (it stopped) is left out of later steps:
     fewer tokens go to llama.cpp, its logits are zeros, and the other rows' logits are those of
     the same session without retiring (the torch source's, within llama.cpp's tolerance)."""
-    from fedpt.models.llamacpp import LlamaCppLogitSource
     from fedpt.proxy import retire_rows
 
     ids, mask = padded_batch(tiny_pair[0], SHARED[:4])
-    computed = []
-    decode = LlamaCppLogitSource._decode
-    monkeypatch.setattr(LlamaCppLogitSource, "_decode",
-                        lambda self, handle, tokens: computed.append(len(tokens)) or decode(self, handle, tokens))
+    computed = count_decoded(monkeypatch)
     retiring, reference = engine.source(), LocalLogitSource(tiny_pair[2])
     retiring.prefill(ids, mask)
     reference.prefill(ids, mask)

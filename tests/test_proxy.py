@@ -2,6 +2,7 @@ import copy
 
 import torch
 
+from fedpt.bench import with_random_lora
 from fedpt.data.prompts import encode_prompts_left
 from fedpt.models.logits import LocalLogitSource, MixedAdapterDiff
 from fedpt.models.lora import attach_lora
@@ -29,12 +30,7 @@ class FixedLogits:
 
 def tuned_copy(small, tiny_cfg):
     """A copy of the small LM with a LoRA adapter that changes its logits (B drawn, not zero)."""
-    peft = attach_lora(copy.deepcopy(small), tiny_cfg.lora, seed=0)
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    return peft
+    return with_random_lora(copy.deepcopy(small), tiny_cfg.lora, scale=0.5)
 
 
 def test_proxy_logits_match_hand_computation():

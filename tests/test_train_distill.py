@@ -201,15 +201,12 @@ def test_a_frozen_heads_gradient_taken_in_the_forward_pass_is_the_checkpointed_o
     path bit for bit. A head that trains takes the checkpointed path and gets its gradient."""
     import torch
 
+    from fedpt.bench import with_random_lora
     from fedpt.data.prompts import encode_sft, pack
     from fedpt.train import response_loss
 
     tokenizer, small, _ = tiny_pair
-    peft = attach_lora(copy.deepcopy(small), tiny_cfg.lora, seed=0)
-    with torch.no_grad():
-        for name, param in peft.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    peft = with_random_lora(copy.deepcopy(small), tiny_cfg.lora, scale=0.05)  # the adapter on the gradient path
     rows = [encode_sft(tokenizer, format_prompt(ex, "alpaca"), ex.response, 64, 128) for ex in _splits().train[:5]]
     batch = pack(rows)
     head = peft.get_base_model().get_output_embeddings()

@@ -48,6 +48,9 @@ class RoundRecord:
     # The most torch threads a device trained on: above a process's own when it took the cores of
     # siblings done with their round (fedpt.federation.core_share).
     device_threads_max: int | None = None
+    # Decoder layers that kept their activations per device step, mean over devices and steps
+    # (train.activation_memory_mb; 0: every layer recomputed in the backward pass).
+    device_layers_kept: float | None = None
     device_seconds: list[float] = field(default_factory=list)  # each device's set-up + training, as ``partitions``
     device_peak_memory_bytes: int | None = None  # max over devices of the device process's peak RSS
     dp_epsilon: float | None = None  # central DP: privacy spent so far (RDP accountant) ...

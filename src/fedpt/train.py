@@ -31,6 +31,7 @@ class TrainResult:
     num_examples: int
     tokens: int  # tokens processed (forward+backward), for FLOPs estimates
     seconds: float
+    layers_kept: float = 0.0  # decoder layers per step that kept activations (train.activation_memory_mb)
 
 
 def response_loss(model: Any, batch: dict[str, torch.Tensor], chunk_tokens: int = 256,
@@ -124,6 +125,10 @@ def local_tune(
     order: list[int] = []
     losses, tokens, start = [], 0, time.perf_counter()
     model.train()
+    layers = checkpointed_layers(causal_lm) if cfg.gradient_checkpointing else []
+    budget = cfg.activation_memory_mb * 2**20
+    measure = bool(layers and budget)
+    kept = []
     for _ in range(cfg.steps):
         # Walk through shuffled data epoch by epoch, so small partitions are used evenly.
         while len(order) < cfg.batch_size:
@@ -132,6 +137,9 @@ def local_tune(
             order += epoch
         batch_rows, order = [rows[i] for i in order[: cfg.batch_size]], order[cfg.batch_size:]
         batch = pack(batch_rows) if cfg.pack_rows else collate(batch_rows, tokenizer.pad_token_id)
+        if measure:
+            per_token = layer_bytes_per_token(causal_lm, cfg.pack_rows, row_length(batch))
+            kept.append(keep_activations(layers, budget, per_token, batch["input_ids"].numel()))
         loss = response_loss(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -140,7 +148,101 @@ def local_tune(
         losses.append(loss.item())
         tokens += sum(len(ids) for ids, _ in batch_rows)
     model.eval()
+    if kept:
+        keep_activations(layers, 0, 1.0, 1)  # back to every layer checkpointed
     return TrainResult(
         loss=sum(losses) / len(losses), last_loss=losses[-1], steps=cfg.steps,
         num_examples=len(examples), tokens=tokens, seconds=time.perf_counter() - start,
+        layers_kept=sum(kept) / len(kept) if kept else 0.0,
     )
+
+
+def checkpointed_layers(causal_lm: Any) -> list[Any]:
+    """The decoder layers activation checkpointing wraps (transformers' ``GradientCheckpointingLayer``)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in causal_lm.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def row_length(batch: dict[str, torch.Tensor]) -> int:
+    """The longest row of a batch: packed rows restart ``position_ids`` at 0, padded rows are columns."""
+    if "position_ids" in batch:
+        return int(batch["position_ids"].max()) + 1
+    return batch["input_ids"].shape[1]
+
+
+def keep_activations(layers: list[Any], budget_bytes: float, bytes_per_token: float, tokens: int) -> int:
+    """Let the last layers whose activations fit in ``budget_bytes`` for a step of ``tokens`` keep
+    them; every other layer recomputes. Returns how many keep them.
+
+    The last ones, because the backward pass frees them before it recomputes any earlier layer:
+    the step's peak is the kept layers' activations plus one recomputed layer, not both added.
+    """
+    keep = min(len(layers), int(budget_bytes // max(bytes_per_token * tokens, 1.0)))
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = index < len(layers) - keep
+    return keep
+
+
+def layer_bytes_per_token(causal_lm: Any, packed: bool = True, row_tokens: int = 0) -> float:
+    """Bytes autograd keeps per token for one decoder layer run without checkpointing, for rows of
+    ``row_tokens`` (padded batches: attention that keeps a (rows, heads, L, L) matrix costs more per
+    token as rows grow); ``packed``: rows end to end (``pack``), else padded (``collate``).
+
+    Measured, not modelled: what a layer keeps depends on the architecture, the LoRA targets, the
+    dtype and the attention path. Two probe forwards of the decoder (rows of 8 and 16 tokens) give
+    a per-token cost ``a + b * L``, memoised on the model; they run under a forked RNG, so they draw
+    nothing from the training's dropout stream.
+    """
+    memo = causal_lm.__dict__.setdefault("_fedpt_layer_bytes_per_token", {})
+    if packed not in memo:
+        short, long = (_probe_layer_bytes(causal_lm, packed, rows) for rows in (8, 16))
+        slope = max(long - short, 0.0) / 8
+        memo[packed] = (short - 8 * slope, slope)
+    base, slope = memo[packed]
+    return base + slope * row_tokens
+
+
+def _probe_layer_bytes(causal_lm: Any, packed: bool, row_tokens: int) -> float:
+    """The most any decoder layer keeps per token in a forward of two rows of ``row_tokens``
+    (one half padded, unless ``packed``), parameters not counted."""
+    layers = checkpointed_layers(causal_lm)
+    flags = [layer.gradient_checkpointing for layer in layers]
+    parameters = {p.untyped_storage().data_ptr() for p in causal_lm.parameters()}
+    kept: list[dict[int, int]] = [{} for _ in layers]
+    current: list[int | None] = [None]
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if current[0] is not None and storage.data_ptr() not in parameters:
+            kept[current[0]][storage.data_ptr()] = storage.nbytes()  # a storage saved twice counts once
+        return tensor
+
+    def enter(index: int) -> Any:
+        return lambda *_: current.__setitem__(0, index)
+
+    hooks = [layer.register_forward_pre_hook(enter(i)) for i, layer in enumerate(layers)]
+    hooks += [layer.register_forward_hook(lambda *_: current.__setitem__(0, None)) for layer in layers]
+    try:
+        for layer in layers:
+            layer.gradient_checkpointing = False
+        if packed:  # two rows end to end
+            inputs = {"input_ids": torch.zeros((1, 2 * row_tokens), dtype=torch.long),
+                      "position_ids": torch.arange(row_tokens).repeat(2).unsqueeze(0)}
+        else:  # two rows, one half padding: attention gets a mask
+            mask = torch.ones((2, row_tokens), dtype=torch.long)
+            mask[1, row_tokens // 2:] = 0
+            inputs = {"input_ids": torch.zeros((2, row_tokens), dtype=torch.long), "attention_mask": mask}
+        with torch.random.fork_rng(devices=[]), torch.enable_grad(), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            causal_lm.get_decoder()(**inputs, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for layer, flag in zip(layers, flags):
+            layer.gradient_checkpointing = flag
+    # A storage several layers keep (the attention mask, the rotary tables) is made once and is
+    # there with checkpointing too: not a cost of keeping a layer.
+    shared = {ptr for i, a in enumerate(kept) for b in kept[i + 1:] for ptr in a.keys() & b.keys()}
+    own = [sum(n for ptr, n in k.items() if ptr not in shared) for k in kept]
+    return max(own, default=0) / (2 * row_tokens)

@@ -57,6 +57,9 @@ def tune_on_device(cfg_json: str, system: str, server_round: int, adapter: dict[
         "device_process": PROCESS_TOKEN,
         # The most torch threads it trained on (more than its own when it took an idle sibling's cores).
         "train_threads_max": max([torch.get_num_threads(), *(governor.changes if governor else [])]),
+        # Decoder layers per step that kept their activations instead of recomputing them
+        # (train.activation_memory_mb), a mean over the round's steps.
+        "train_layers_kept": result.layers_kept,
         # Peak resident memory of this device process so far (model + training), for cost tables.
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         PARTITION_KEY: partition_id,  # which device this was, for the round's record

@@ -249,6 +249,8 @@ class FedPTStrategy(FedAvg):
             record.device_busiest_seconds, record.device_processes = max(busy.values()), len(busy)
         if all("train_threads_max" in d for d in device_metrics):
             record.device_threads_max = max(int(d["train_threads_max"]) for d in device_metrics)
+        if all("train_layers_kept" in d for d in device_metrics):
+            record.device_layers_kept = sum(float(d["train_layers_kept"]) for d in device_metrics) / n
         record.device_peak_memory_bytes = max(int(d.get("peak_rss_bytes", 0)) for d in device_metrics)
 
     def after_aggregation(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:

@@ -198,9 +198,11 @@ def load_model_for_training(spec: str, dtype: str) -> Any:
     """
     import torch
 
+    from fedpt.models.lean_mlp import lean_gated_mlps
+
     if resolve_dtype(dtype) != "float32" or stored_dtype(spec) != "bfloat16":
-        return load_model(spec, dtype)
-    return upcast_weights_on_use(load_model(spec, "bfloat16"), torch.float32)
+        return lean_gated_mlps(load_model(spec, dtype))
+    return lean_gated_mlps(upcast_weights_on_use(load_model(spec, "bfloat16"), torch.float32))
 
 
 def upcast_weights_on_use(model: Any, dtype: Any) -> Any:

@@ -175,8 +175,8 @@ def keep_activations(layers: list[Any], budget_bytes: float, bytes_per_token: fl
     """Let the last layers whose activations fit in ``budget_bytes`` for a step of ``tokens`` keep
     them; every other layer recomputes. Returns how many keep them.
 
-    The last ones, because the backward pass frees them before it recomputes any earlier layer:
-    the step's peak is the kept layers' activations plus one recomputed layer, not both added.
+    The last ones: the backward pass is done with them (and frees their activations) before it
+    recomputes any earlier layer, so a recomputed layer's activations never sit beside theirs.
     """
     keep = min(len(layers), int(budget_bytes // max(bytes_per_token * tokens, 1.0)))
     for index, layer in enumerate(layers):

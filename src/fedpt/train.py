@@ -70,48 +70,29 @@ def response_loss(model: Any, batch: dict[str, torch.Tensor], chunk_tokens: int 
     for start in range(0, len(targets), chunk_tokens):
         part = slice(start, start + chunk_tokens)
         if frozen_head and hidden.requires_grad:
-            total = total + _HeadLossAndGradient.apply(hidden[part], targets[part], lambda h: head(h).float(), scale)
+            total = total + _HeadLossAndGradient.apply(hidden[part], targets[part], chunk_loss, scale)
         else:
             total = total + torch.utils.checkpoint.checkpoint(chunk_loss, hidden[part], targets[part],
                                                               use_reentrant=False)
     return total / max(len(targets), 1)
 
 
-# Rows of a chunk whose fp32 logits exist at once in ``_HeadLossAndGradient`` (Qwen2.5's 151,936-token
-# vocabulary: 39 MB per tensor; the log-softmax and its gradient make three or four of them).
-HEAD_ROWS = 64
-
-
 class _HeadLossAndGradient(torch.autograd.Function):
-    """A chunk's summed cross-entropy (``cross_entropy(logits_fn(hidden), targets, reduction="sum")``)
-    whose backward returns the gradient with respect to ``hidden`` computed in the forward pass,
-    while the logits exist; only that (N, H) gradient is kept. ``expected``: the gradient the loss
-    will receive (it scales the computation as autograd would; another one is still right, rescaled).
-    For a frozen head only: no gradient reaches its weight.
-
-    The logits are made ``HEAD_ROWS`` rows at a time, a quarter of a 256-token chunk's memory: each
-    row's log-probabilities and gradient are its own, and the chunk's sum is added up by
-    ``nll_loss`` over the same picked values as ``cross_entropy`` would, so loss and gradients are
-    those of the whole chunk at once, bit for bit."""
+    """``loss_fn(hidden, targets)`` whose backward returns the gradient with respect to ``hidden``
+    computed in the forward pass, while the chunk's logits exist; only that (N, H) gradient is kept.
+    ``expected``: the gradient the loss will receive (it scales the computation as autograd would;
+    another one is still right, rescaled). For a frozen head only: no gradient reaches its weight."""
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, targets: torch.Tensor, logits_fn: Any,
+    def forward(ctx: Any, hidden: torch.Tensor, targets: torch.Tensor, loss_fn: Any,
                 expected: torch.Tensor) -> torch.Tensor:
-        picked, grads = [], []
         with torch.enable_grad():
-            for start in range(0, len(targets), HEAD_ROWS):
-                h = hidden[start:start + HEAD_ROWS].detach().requires_grad_()
-                t = targets[start:start + HEAD_ROWS]
-                # through a view: module backward hooks (FlopCounterMode's) refuse a leaf input under autograd.grad
-                log_probs = torch.log_softmax(logits_fn(h.view_as(h)), dim=-1)
-                loss = torch.nn.functional.nll_loss(log_probs, t, reduction="sum")
-                (grad,) = torch.autograd.grad(loss, h, grad_outputs=expected)
-                picked.append(log_probs.detach().gather(1, t[:, None]))
-                grads.append(grad)
-        # cross_entropy's own sum: nll_loss over the chunk's picked log-probabilities, in the same order
-        loss = torch.nn.functional.nll_loss(torch.cat(picked), torch.zeros_like(targets), reduction="sum")
-        ctx.save_for_backward(torch.cat(grads), expected)
-        return loss
+            h = hidden.detach().requires_grad_()
+            # through a view: module backward hooks (FlopCounterMode's) refuse a leaf input under autograd.grad
+            loss = loss_fn(h.view_as(h), targets)
+            (grad,) = torch.autograd.grad(loss, h, grad_outputs=expected)
+        ctx.save_for_backward(grad, expected)
+        return loss.detach()
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:

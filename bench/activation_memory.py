@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 ROWS = ("longest", "typical")
@@ -61,7 +59,7 @@ def main() -> None:
         print(json.dumps(run_case(rows, int(budget))))
         return
 
-    from fedpt.bench import write_results
+    from fedpt.bench import run_case_process, write_results
     from fedpt.cpu import cpu_summary
 
     budgets = [int(b) for b in args.budgets.split(",")]
@@ -70,14 +68,7 @@ def main() -> None:
     for repeat in range(args.repeats):
         for rows in ROWS:
             for budget in budgets:
-                name = f"{rows},{budget}"
-                child = subprocess.run([sys.executable, __file__, "--case", name], capture_output=True, text=True,
-                                       env=env)
-                if child.returncode != 0:
-                    raise SystemExit(f"{name}: {child.stderr.strip().splitlines()[-1]}")
-                r = json.loads(child.stdout.strip().splitlines()[-1])
-                r["seconds"] = min(r["seconds"], results.get(name, {}).get("seconds", float("inf")))
-                results[name] = r
+                r = run_case_process(__file__, f"{rows},{budget}", env, results)
                 print(f"[{repeat + 1}/{args.repeats}] {rows} rows, {budget} MiB: {r['tokens']} tokens, "
                       f"{r['layers_kept']:.0f} layers kept, step {r['seconds']:.1f} s, peak "
                       f"{r['peak_bytes'] / 2**30:.2f} GiB, loss {r['loss']:.6f}", flush=True)

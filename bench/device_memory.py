@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -127,18 +125,14 @@ def main() -> None:
         print(json.dumps(run_case(kind, block)))
         return
 
+    from fedpt.bench import run_case_process
     from fedpt.cpu import cpu_summary
 
     results: dict[str, dict] = {}
     for repeat in range(args.repeats):
         for name, (_, _, settings) in CASES.items():
             env = {k: v for k, v in os.environ.items() if k not in DEFAULTS} | {"OMP_NUM_THREADS": "1"} | settings
-            child = subprocess.run([sys.executable, __file__, "--case", name], capture_output=True, text=True, env=env)
-            if child.returncode != 0:
-                raise SystemExit(f"{name}: {child.stderr.strip().splitlines()[-1]}")
-            r = json.loads(child.stdout.strip().splitlines()[-1])
-            r["seconds"] = min(r["seconds"], results.get(name, {}).get("seconds", float("inf")))
-            results[name] = r
+            r = run_case_process(__file__, name, env, results)
             print(f"[{repeat + 1}/{args.repeats}] {name}: "
                   + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in r["stages_rss_bytes"].items())
                   + f"; peak {r['peak_bytes'] / 2**30:.2f} GiB; step {r['seconds']:.1f} s ({r['work']})", flush=True)

@@ -76,3 +76,20 @@ def test_bench_scripts_write_their_numbers_and_table(tmp_path, capsys):
     assert capsys.readouterr().out == "| a |\n|---|\n"
     write_results(tmp_path / "quiet", {}, ["x"], show=False)
     assert capsys.readouterr().out == "" and (tmp_path / "quiet.md").read_text() == "x\n"
+
+
+def test_run_case_process_keeps_the_fastest_repeat_and_stops_on_a_failing_case(tmp_path):
+    import os
+
+    from fedpt.bench import run_case_process
+
+    script = tmp_path / "case.py"
+    script.write_text("import json, sys\ncase = sys.argv[2]\nif case == 'bad':\n"
+                      "    raise SystemExit('no such rows: bad')\n"
+                      "print('noise')\nprint(json.dumps({'seconds': float(case), 'case': case}))\n")
+    best: dict[str, dict] = {}
+    assert run_case_process(str(script), "3.5", dict(os.environ), best)["seconds"] == 3.5
+    best["3.5"]["seconds"] = 2.0  # an earlier repeat was faster: it stays
+    assert run_case_process(str(script), "3.5", dict(os.environ), best) == {"seconds": 2.0, "case": "3.5"}
+    with pytest.raises(SystemExit, match="bad: no such rows: bad"):
+        run_case_process(str(script), "bad", dict(os.environ), best)

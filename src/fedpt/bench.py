@@ -72,6 +72,22 @@ class BenchConfig:
                 raise FedPTError(f"--{name.replace('_', '-')} is too small: {getattr(self, name)}")
 
 
+def run_case_process(script: str, case: str, env: dict[str, str], best: dict[str, dict]) -> dict:
+    """Run bench ``script --case CASE`` in a fresh process (its peak memory its own); its last line
+    of output is the case's JSON. Keeps it in ``best[case]`` with the fewest ``seconds`` of the
+    repeats so far, and returns it; a failing case stops the bench with the child's last line."""
+    import subprocess
+    import sys
+
+    child = subprocess.run([sys.executable, script, "--case", case], capture_output=True, text=True, env=env)
+    if child.returncode != 0:
+        raise SystemExit(f"{case}: {child.stderr.strip().splitlines()[-1]}")
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    result["seconds"] = min(result["seconds"], best.get(case, {}).get("seconds", float("inf")))
+    best[case] = result
+    return result
+
+
 def write_results(out: str | Path, data: dict[str, Any], lines: list[str], show: bool = True) -> None:
     """A bench script's results: ``OUT.json`` (the numbers) and ``OUT.md`` (the table), printed too."""
     out = Path(out)

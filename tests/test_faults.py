@@ -172,8 +172,8 @@ def test_a_device_sends_only_its_adapter_and_counts(tiny_cfg, fedpt_home):
     assert all(sent[k].shape == adapter[k].shape for k in sent)
     metrics = dict(content["metrics"])
     assert set(metrics) == {"num-examples", "train_loss", "train_last_loss", "train_tokens", "train_seconds",
-                            "prepare_seconds", "device_process", "train_threads_max", "peak_rss_bytes",
-                            "partition-id"}
+                            "prepare_seconds", "device_process", "train_threads_max", "train_layers_kept",
+                            "peak_rss_bytes", "partition-id"}
     assert metrics["train_threads_max"] == torch.get_num_threads()  # no core share outside fedpt run's simulation
     # which process trained: a random number per process, the same for its next reply, no pid or host
     assert metrics["device_process"] == app(msg, context).content["metrics"]["device_process"] != os.getpid()

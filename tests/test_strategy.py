@@ -43,6 +43,7 @@ def test_fedavg_weights_adapters_by_examples():
     assert strategy.record.device_peak_memory_bytes == 30_000 and strategy.record.device_train_tokens == 50
     assert strategy.record.clients == 2 and strategy.record.bytes_up == 2 * replies[0].content["arrays"].count_bytes()
     assert strategy.record.device_threads_max is None  # devices that do not report it
+    assert strategy.record.device_layers_kept is None
 
 
 def test_the_round_records_the_busiest_device_process():
@@ -50,12 +51,15 @@ def test_the_round_records_the_busiest_device_process():
     strategy = _strategy()
     _broadcast(strategy)
     replies = [_reply(1.0, 10, 2.0), _reply(2.0, 20, 2.0), _reply(3.0, 30, 2.0)]
-    for reply, (process, prepare, train, threads) in zip(replies, [(7, 2.0, 5.0, 1), (7, 0.5, 4.0, 2), (9, 3.0, 6.0, 1)]):
+    for reply, (process, prepare, train, threads, kept) in zip(
+            replies, [(7, 2.0, 5.0, 1, 3.0), (7, 0.5, 4.0, 2, 24.0), (9, 3.0, 6.0, 1, 0.0)]):
         reply.content["metrics"].update({"device_process": process, "prepare_seconds": prepare,
-                                         "train_seconds": train, "train_threads_max": threads})
+                                         "train_seconds": train, "train_threads_max": threads,
+                                         "train_layers_kept": kept})
     strategy.aggregate_train(1, replies)
     record = strategy.record
     assert record.device_threads_max == 2  # one device took an idle sibling's core
+    assert record.device_layers_kept == pytest.approx(9.0)  # layers that kept activations, mean over devices
     assert record.device_busiest_seconds == pytest.approx(2.0 + 5.0 + 0.5 + 4.0)  # process 7, not 9's 9.0
     assert record.device_processes == 2
     assert record.device_prepare_seconds == pytest.approx((2.0 + 0.5 + 3.0) / 3)

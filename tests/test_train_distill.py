@@ -195,11 +195,16 @@ def test_response_loss_matches_full_logits_loss_and_gradients(tiny_pair, tiny_cf
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_a_frozen_heads_gradient_taken_in_the_forward_pass_is_the_checkpointed_ones_bit_for_bit(tiny_pair, tiny_cfg):
+@pytest.mark.parametrize("chunk_tokens", [7, 256])
+def test_a_frozen_heads_gradient_taken_in_the_forward_pass_is_the_checkpointed_ones_bit_for_bit(
+        tiny_pair, tiny_cfg, chunk_tokens):
     """A frozen LM head: the chunk's gradient is taken while its logits exist (one head product per
-    chunk forward instead of two); the loss and every LoRA gradient are those of the checkpointed
-    path bit for bit. A head that trains takes the checkpointed path and gets its gradient."""
+    chunk forward instead of two; a 256-token chunk's log-softmax ``HEAD_ROWS`` rows at a time); the
+    loss and every LoRA gradient are those of the checkpointed path bit for bit. A head that trains
+    takes the checkpointed path and gets its gradient."""
     import torch
+
+    from fedpt.train import HEAD_ROWS
 
     from fedpt.bench import with_random_lora
     from fedpt.data.prompts import encode_sft, pack
@@ -207,8 +212,9 @@ def test_a_frozen_heads_gradient_taken_in_the_forward_pass_is_the_checkpointed_o
 
     tokenizer, small, _ = tiny_pair
     peft = with_random_lora(copy.deepcopy(small), tiny_cfg.lora, scale=0.05)  # the adapter on the gradient path
-    rows = [encode_sft(tokenizer, format_prompt(ex, "alpaca"), ex.response, 64, 128) for ex in _splits().train[:5]]
+    rows = [encode_sft(tokenizer, format_prompt(ex, "alpaca"), ex.response, 64, 128) for ex in _splits().train[:8]]
     batch = pack(rows)
+    assert int((batch["labels"][:, 1:] != -100).sum()) > chunk_tokens + HEAD_ROWS  # a chunk in pieces, and more
     head = peft.get_base_model().get_output_embeddings()
     calls = []
     head.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
@@ -216,7 +222,7 @@ def test_a_frozen_heads_gradient_taken_in_the_forward_pass_is_the_checkpointed_o
     def loss_and_grads():
         peft.zero_grad(set_to_none=True)
         calls.clear()
-        loss = response_loss(peft, batch, chunk_tokens=7)
+        loss = response_loss(peft, batch, chunk_tokens=chunk_tokens)
         loss.backward()
         return loss, {n: p.grad.clone() for n, p in peft.named_parameters() if "lora_" in n}, list(calls)
 
@@ -229,14 +235,14 @@ def test_a_frozen_heads_gradient_taken_in_the_forward_pass_is_the_checkpointed_o
     finally:
         head.weight.requires_grad_(False)
     chunks = len(fused_calls)
-    assert chunks > 2 and sorted(ckpt_calls) == sorted(fused_calls * 2)  # checkpointing: each chunk's head twice
+    assert chunks >= 2 and sorted(ckpt_calls) == sorted(fused_calls * 2)  # checkpointing: each chunk's head twice
     assert torch.equal(fused_loss, ckpt_loss)
     assert fused_grads.keys() == ckpt_grads.keys()
     for name, grad in ckpt_grads.items():
         assert torch.equal(fused_grads[name], grad), name
     # a caller that scales the loss gets the scaled gradient (the forward pass assumed the mean's 1/N)
     peft.zero_grad(set_to_none=True)
-    (3.0 * response_loss(peft, batch, chunk_tokens=7)).backward()
+    (3.0 * response_loss(peft, batch, chunk_tokens=chunk_tokens)).backward()
     for name, grad in fused_grads.items():
         torch.testing.assert_close(dict(peft.named_parameters())[name].grad, 3.0 * grad, rtol=1e-4, atol=1e-6)
 

@@ -59,8 +59,11 @@ def response_loss(model: Any, batch: dict[str, torch.Tensor], chunk_tokens: int 
     hidden, targets = hidden[:, :-1][select], targets[select]  # (N, H), (N,)
     head = causal_lm.get_output_embeddings()
 
+    def chunk_logits(h: torch.Tensor) -> torch.Tensor:
+        return head(h).float()
+
     def chunk_loss(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(head(h).float(), t, reduction="sum")
+        return torch.nn.functional.cross_entropy(chunk_logits(h), t, reduction="sum")
 
     frozen_head = head_gradient_in_forward and not any(p.requires_grad for p in head.parameters())
     # d(mean)/d(chunk sum), as autograd will pass it: scaling before the head's product, as the
@@ -70,7 +73,7 @@ def response_loss(model: Any, batch: dict[str, torch.Tensor], chunk_tokens: int 
     for start in range(0, len(targets), chunk_tokens):
         part = slice(start, start + chunk_tokens)
         if frozen_head and hidden.requires_grad:
-            total = total + _HeadLossAndGradient.apply(hidden[part], targets[part], lambda h: head(h).float(), scale)
+            total = total + _HeadLossAndGradient.apply(hidden[part], targets[part], chunk_logits, scale)
         else:
             total = total + torch.utils.checkpoint.checkpoint(chunk_loss, hidden[part], targets[part],
                                                               use_reentrant=False)

@@ -149,12 +149,6 @@ class ThreadGovernor:
             self.changes.append(want)
 
 
-def decoder_layers(model: Any) -> list[Any]:
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
-
-
 @contextmanager
 def governed_threads(model: Any, share: CoreShare | None, **governor_args: Any) -> Iterator[ThreadGovernor | None]:
     """While inside, ``model``'s decoder layers adjust this process's threads to the share.
@@ -168,9 +162,11 @@ def governed_threads(model: Any, share: CoreShare | None, **governor_args: Any) 
         return
     import torch
 
+    from fedpt.train import checkpointed_layers
+
     governor = ThreadGovernor(share, **governor_args)
     before = torch.get_num_threads()
-    handles = [child.register_forward_pre_hook(governor) for layer in decoder_layers(model)
+    handles = [child.register_forward_pre_hook(governor) for layer in checkpointed_layers(model)
                for child in layer.children()]
     try:
         yield governor

@@ -71,3 +71,37 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# Resume tests (tests/test_resume.py, tests/test_resume_signals.py): a 3-round FedPT run of the
+# tiny preset, stopped somewhere and resumed, must end bit-identical to this one, never stopped.
+RESUME_RUN = [*FAST, "--set", "run.systems=['fedpt']", "--set", "federation.rounds=3"]
+RESUME_KEYS = ("train_loss", "kd_loss", "kd_kl_before", "kd_kl_after", "rougeL_small", "rougeL_proxy", "bytes_up",
+               "clients", "failures")
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(fedpt_home, tmp_path_factory):
+    """The reference: the 3-round run, never stopped (built once per worker that needs it)."""
+    from fedpt.cli import main
+
+    full = tmp_path_factory.mktemp("full")
+    assert main(["run", "--preset", "tiny", "--no-progress", "--overwrite", "--out", str(full), *RESUME_RUN]) == 0
+    return full
+
+
+def assert_same_run(full, resumed_dir) -> None:
+    """Bit-identical: every round's metrics and the final adapter."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    rows = [json.loads(line) for line in (full / "rounds.jsonl").read_text().splitlines()]
+    resumed = [json.loads(line) for line in (resumed_dir / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in resumed] == [0, 1, 2, 3]
+    for a, b in zip(rows, resumed):
+        assert {k: a[k] for k in RESUME_KEYS} == {k: b[k] for k in RESUME_KEYS}, a["round"]
+    a = load_file(full / "fedpt" / "adapter" / "adapter_model.safetensors")
+    b = load_file(resumed_dir / "fedpt" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

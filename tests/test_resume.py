@@ -10,8 +10,7 @@ from fedpt.checkpoint import load_checkpoint, save_checkpoint
 from fedpt.cli import main
 from fedpt.errors import FedPTError
 
-from .conftest import RESUME_RUN as FAST
-from .conftest import assert_same_run
+from .conftest import RESUME_RUN, assert_same_run
 
 
 def test_checkpoint_round_trip_and_corruption(tmp_path):
@@ -32,7 +31,7 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
 def test_a_failing_server_step_fails_the_round_and_the_run_resumes(uninterrupted, tmp_path, monkeypatch, capsys):
     out = tmp_path / "failed"
     monkeypatch.setenv("FEDPT_FAIL_AT", "distillation@2")
-    assert main(["run", "--preset", "tiny", "--no-progress", "--out", str(out), *FAST]) == 2
+    assert main(["run", "--preset", "tiny", "--no-progress", "--out", str(out), *RESUME_RUN]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert len(err) == 1 and err[0].startswith("error: round 2: proxy-tuning + distillation failed: InjectedFault")
     assert err[0].endswith(f"the last checkpoint is intact: fedpt run --resume {out}")
@@ -46,7 +45,7 @@ def test_a_failing_server_step_fails_the_round_and_the_run_resumes(uninterrupted
 def test_resume_after_a_stop_matches_an_uninterrupted_run(uninterrupted, tmp_path):
     full, cut = uninterrupted, tmp_path / "cut"
     # A run stopped after round 1 of 3: run 1 round, then make its config say 3 (as it was).
-    assert main(["run", "--preset", "tiny", "--no-progress", "--out", str(cut), *FAST,
+    assert main(["run", "--preset", "tiny", "--no-progress", "--out", str(cut), *RESUME_RUN,
                  "--set", "federation.rounds=1"]) == 0
     config = (cut / "config.toml").read_text()
     assert config.count("rounds = 1\n") == 1
